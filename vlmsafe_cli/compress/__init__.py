@@ -1,0 +1,148 @@
+"""Compression stage: pick the target matrices, run the method, cache the result, verify it.
+
+A compressed model is cached as the tensors the method changed (`weights.safetensors`), keyed by the
+model identity, the compress config and its calibration; a later job (another analysis, a re-run)
+applies them to a freshly loaded model instead of compressing again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlmsafe_cli import cache
+from vlmsafe_cli.config import parse_pattern, parse_targets
+from vlmsafe_cli.errors import JobError
+
+CACHE_FORMAT = 1
+PROJECTOR_RE = re.compile(r"(multi_modal_projector|visual\.merger|mm_projector)")
+VISION_RE = re.compile(r"(vision_tower|vision_model|visual\.)")
+
+
+def part_of(module_name: str) -> str:
+    """Which part of a (vision-)language model a module belongs to, from its qualified name."""
+    if PROJECTOR_RE.search(module_name):
+        return "projector"
+    if VISION_RE.search(module_name):
+        return "vision_tower"
+    return "language_model"
+
+
+def target_linears(model: nn.Module, parts: list[str], skip: list[str]) -> dict[str, nn.Linear]:
+    """The nn.Linear modules of the targeted parts whose names match no `skip` pattern."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and part_of(name) in parts
+        and not any(pattern in name for pattern in skip)
+    }
+
+
+@dataclass
+class CompressOutcome:
+    seconds: float  # time the compression itself took (when it was built, possibly by an earlier job)
+    cache_hit: bool
+    cache_path: Optional[Path]
+
+
+def _run_method(model: nn.Module, comp: DictConfig) -> None:
+    linears = target_linears(model, parse_targets(comp.target), list(comp.skip))
+    if not linears:
+        raise JobError(f"compress.target={comp.target} selects no linear layer of this model")
+    if comp.method == "magnitude":
+        from vlmsafe_cli.compress.magnitude import magnitude_prune
+
+        magnitude_prune(linears, comp.sparsity, parse_pattern(comp.pattern))
+    else:  # validate() admits only implemented methods
+        raise JobError(f"compress.method={comp.method} has no implementation")
+
+
+def compress_model(model: nn.Module, comp: DictConfig, identity: dict) -> CompressOutcome:
+    """Compress `model` in place (from the cache when this exact compression was built before)."""
+    if comp.method == "none":
+        return CompressOutcome(seconds=0.0, cache_hit=False, cache_path=None)
+    key = {"format": CACHE_FORMAT, "model": identity, "compress": OmegaConf.to_container(comp, resolve=True)}
+    targets = target_linears(model, parse_targets(comp.target), list(comp.skip))
+    built = {}
+
+    def build(tmp: Path) -> None:
+        start = time.perf_counter()
+        _run_method(model, comp)
+        built["seconds"] = time.perf_counter() - start
+        tensors = {f"{name}.weight": linear.weight.detach().cpu().contiguous() for name, linear in targets.items()}
+        save_file(tensors, str(tmp / "weights.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps({"seconds": built["seconds"]}))
+
+    def load(path: Path) -> float:
+        tensors = load_file(str(path / "weights.safetensors"))
+        expected = {f"{name}.weight" for name in targets}
+        if set(tensors) != expected:
+            raise ValueError("cached tensors do not match the model's target layers")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+        return float(json.loads((path / "meta.json").read_text())["seconds"])
+
+    seconds = cache.get_or_build("compressed", key, build, load)
+    return CompressOutcome(seconds=seconds, cache_hit="seconds" not in built, cache_path=cache.entry_path("compressed", key))
+
+
+def sparsity_by_part(model: nn.Module, comp: DictConfig) -> dict[str, tuple[float, int]]:
+    """Fraction of exactly-zero weights (and weight count) in each targeted part's linear layers."""
+    parts = parse_targets(comp.target)
+    counts: dict[str, list[int]] = {part: [0, 0] for part in parts}
+    for name, linear in target_linears(model, parts, list(comp.skip)).items():
+        counts[part_of(name)][0] += int((linear.weight == 0).sum())
+        counts[part_of(name)][1] += linear.weight.numel()
+    return {part: (zeros / total if total else 0.0, total) for part, (zeros, total) in counts.items() if total}
+
+
+def n_m_valid(model: nn.Module, comp: DictConfig) -> Optional[tuple[float, int]]:
+    """Fraction of M-groups holding at least N zeros (the N:M constraint), over all target matrices."""
+    n_m = parse_pattern(comp.pattern)
+    if n_m is None or comp.method == "none":
+        return None
+    zeros_needed, group = n_m
+    valid = total = 0
+    for linear in target_linears(model, parse_targets(comp.target), list(comp.skip)).values():
+        weight = linear.weight
+        if weight.shape[1] % group:
+            continue
+        zeros = (weight.reshape(weight.shape[0], -1, group) == 0).sum(-1)
+        valid += int((zeros >= zeros_needed).sum())
+        total += zeros.numel()
+    return (valid / total if total else 0.0), total
+
+
+def verify_sparsity(model: nn.Module, comp: DictConfig) -> None:
+    """Fail the job when a pruning method missed its requested sparsity by more than the tolerance."""
+    if comp.method == "none":
+        return
+    n_m = parse_pattern(comp.pattern)
+    requested = n_m[0] / n_m[1] if n_m else comp.sparsity
+    if requested == 0:
+        return
+    for part, (actual, _) in sparsity_by_part(model, comp).items():
+        if abs(actual - requested) > comp.tolerance:
+            raise JobError(
+                f"compression missed its target on {part}: sparsity {actual:.4f} vs requested {requested:.4f} "
+                f"(tolerance {comp.tolerance})"
+            )
+
+
+def size_facts(model: nn.Module) -> tuple[int, float]:
+    """(number of parameters, their storage size in MB of 10^6 bytes)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    size_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return n_params, size_bytes / 1e6

@@ -1,0 +1,184 @@
+"""Structured config schemas (registered with Hydra's ConfigStore) and their validation.
+
+Hydra checks keys and types while composing (the schema is the first entry of `conf/config.yaml`'s
+defaults); `validate` checks values and ranges. Both run for every job of a sweep before any model
+loads, and each problem becomes one `UserError` line naming the key and the valid values.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from vlmsafe_cli.errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+MODEL_SOURCES = ("hub", "tiny", "smollm2")
+TARGETS = ("language_model", "vision_tower", "projector")
+# Compression methods implemented so far; the compression issue adds wanda, sparsegpt, gptq, awq, rtn, bnb.
+COMPRESS_METHODS = ("none", "magnitude")
+PATTERN_RE = re.compile(r"^(unstructured|(\d+):(\d+))$")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    family: str = MISSING  # llama | llava | paligemma | qwen2vl
+    source: str = "hub"  # hub (id or local path) | tiny (random-init, in-process) | smollm2 (embedded GGUF)
+    id: Optional[str] = None  # hub id, e.g. llava-hf/llava-1.5-7b-hf
+    path: Optional[str] = None  # local checkpoint directory; wins over id
+    revision: Optional[str] = None
+    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on CUDA
+    trust_remote_code: bool = False
+
+
+@dataclass
+class CalibrationConfig:
+    dataset: str = "builtin"  # the project's own calibration text
+    n_samples: int = 64
+    seq_len: int = 256
+    seed: int = 0
+
+
+@dataclass
+class CompressConfig:
+    name: str = "none"
+    method: str = "none"
+    sparsity: float = 0.0  # fraction of weights set to zero, per matrix
+    pattern: str = "unstructured"  # unstructured | N:M (N zeros in every group of M consecutive inputs)
+    bits: Optional[int] = None
+    group_size: Optional[int] = None
+    target: Any = "language_model"  # language_model | vision_tower | projector | all | a list of them
+    skip: List[str] = field(default_factory=lambda: ["lm_head", "embed_tokens", "embeddings"])
+    tolerance: float = 0.005  # a result missing the requested sparsity by more fails the job
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+
+@dataclass
+class DataConfig:
+    name: str = "builtin"
+    harmful: Optional[str] = None
+    harmless: Optional[str] = None
+    n: Optional[int] = None
+    seed: int = 0
+
+
+@dataclass
+class JudgeConfig:
+    name: str = "rule"
+    model_id: Optional[str] = None
+
+
+@dataclass
+class VlmsafeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
+    analysis: Dict[str, Any] = field(default_factory=dict)  # name -> that analysis' settings
+    data: DataConfig = field(default_factory=DataConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    device: str = "auto"
+    seed: int = 0
+    force: bool = False  # rerun a job even when the same config is already done in this sweep dir
+    out_root: str = "outputs"
+
+
+# Keys that do not change what a job measures, left out of its config hash.
+UNHASHED_KEYS = ("force", "out_root")
+
+
+def register_configs() -> None:
+    """Register the schema that `conf/config.yaml` lists first in its defaults."""
+    ConfigStore.instance().store(name="vlmsafe_schema", node=VlmsafeConfig)
+
+
+def parse_targets(target: Any) -> list[str]:
+    """`target` as a list of parts; `all` means every part."""
+    if isinstance(target, (list, tuple, ListConfig)):
+        parts = [str(t) for t in target]
+    else:
+        parts = [p.strip() for p in str(target).replace("+", ",").split(",") if p.strip()]
+    if parts == ["all"]:
+        return list(TARGETS)
+    bad = [p for p in parts if p not in TARGETS]
+    if bad or not parts:
+        raise UserError(
+            f"compress.target={target!r} is not valid; use one of {', '.join(TARGETS)}, all, or a list of them"
+        )
+    return parts
+
+
+def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
+    """`unstructured` -> None; `N:M` -> (N, M) with 0 < N < M."""
+    match = PATTERN_RE.match(pattern)
+    if not match:
+        raise UserError(f"compress.pattern={pattern!r} is not valid; use unstructured or N:M such as 2:4")
+    if match.group(2) is None:
+        return None
+    zeros, group = int(match.group(2)), int(match.group(3))
+    if not 0 < zeros < group:
+        raise UserError(f"compress.pattern={pattern!r} needs 0 < N < M (N zeros in every M weights), e.g. 2:4")
+    return zeros, group
+
+
+def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise UserError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check values and ranges that types alone cannot; raise UserError naming the key."""
+    _choice("device", cfg.device, DEVICES)
+    _choice("model.dtype", cfg.model.dtype, DTYPES)
+    _choice("model.source", cfg.model.source, MODEL_SOURCES)
+    if cfg.model.source == "hub" and not (cfg.model.id or cfg.model.path):
+        raise UserError(f"model {cfg.model.name!r} names no checkpoint: set model.id=HUB_ID or model.path=DIR")
+    if cfg.model.path and not Path(str(cfg.model.path)).expanduser().is_dir():
+        raise UserError(f"model.path={cfg.model.path!r} does not exist or is not a directory")
+
+    comp = cfg.compress
+    _choice("compress.method", comp.method, COMPRESS_METHODS)
+    if not 0.0 <= comp.sparsity < 1.0:
+        raise UserError(f"compress.sparsity={comp.sparsity} is out of range; use a fraction in [0, 1)")
+    if comp.method == "magnitude" and comp.sparsity == 0.0 and parse_pattern(comp.pattern) is None:
+        raise UserError("compress.sparsity=0 with method magnitude prunes nothing; set compress.sparsity in (0, 1)")
+    n_m = parse_pattern(comp.pattern)
+    if n_m is not None and comp.method != "none":
+        expected = n_m[0] / n_m[1]
+        if comp.sparsity not in (0.0, expected):
+            raise UserError(
+                f"compress.sparsity={comp.sparsity} contradicts compress.pattern={comp.pattern} "
+                f"(which means sparsity {expected:g}); drop one"
+            )
+    if comp.bits is not None and not 2 <= comp.bits <= 8:
+        raise UserError(f"compress.bits={comp.bits} is out of range; use 2 to 8")
+    if comp.group_size is not None and comp.group_size < 1 and comp.group_size != -1:
+        raise UserError(f"compress.group_size={comp.group_size} is not valid; use a positive size or -1 (per row)")
+    if not 0.0 <= comp.tolerance < 1.0:
+        raise UserError(f"compress.tolerance={comp.tolerance} is out of range; use a fraction in [0, 1)")
+    parse_targets(comp.target)
+    calib = comp.calibration
+    for key in ("n_samples", "seq_len"):
+        if calib[key] < 1:
+            raise UserError(f"compress.calibration.{key}={calib[key]} must be a positive integer")
+    if cfg.data.n is not None and cfg.data.n < 1:
+        raise UserError(f"data.n={cfg.data.n} must be a positive integer")
+
+    from vlmsafe_cli.analysis import validate_analyses
+
+    validate_analyses(cfg.analysis)
+
+
+def hashed_config(cfg: DictConfig) -> dict:
+    """The resolved config minus keys that do not change results: what the config hash covers."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    for key in UNHASHED_KEYS:
+        container.pop(key, None)
+    return container
