@@ -51,7 +51,9 @@ def hydra_task(cfg) -> str:
         if done is not None:
             import logging
 
-            logging.getLogger("vlmsafe").info("skipped: the same config is done in %s (force=true reruns)", done)
+            logging.getLogger("vlmsafe").info(
+                "skipped: the same config is done in %s (force=true reruns)", done
+            )
             return "skipped"
     return run_job(cfg, job_dir, list(hydra_cfg.overrides.task), os.environ.get(INVOCATION_ENV, ""))
 
@@ -81,7 +83,8 @@ def _check_writable(directory: str) -> None:
         probe.unlink()
     except OSError as err:
         raise UserError(
-            f"output dir {directory!r} is not writable ({err.strerror or err}); set out_root= to a writable directory"
+            f"output dir {directory!r} is not writable ({err.strerror or err}); "
+            "set out_root= to a writable directory"
         ) from None
 
 
@@ -100,7 +103,11 @@ def run(args: list[str]) -> int:
     invocation = uuid.uuid4().hex
     os.environ[INVOCATION_ENV] = invocation
     dir_key = "hydra.sweep.dir" if parsed.multirun else "hydra.run.dir"
-    pinned = [] if any(o.startswith(dir_key + "=") for o in parsed.overrides) else [f"{dir_key}={_quote(plan.output_dir)}"]
+    pinned = (
+        []
+        if any(o.startswith(dir_key + "=") for o in parsed.overrides)
+        else [f"{dir_key}={_quote(plan.output_dir)}"]
+    )
     try:
         _call_hydra(args + pinned)
     except KeyboardInterrupt:
@@ -124,7 +131,10 @@ def _summarise(output_dir: Path, invocation: str, n_planned: int, multirun: bool
     n_skipped = max(0, n_planned - len(records))
     print(f"vlmsafe: {n_done} done, {len(failed)} failed, {n_skipped} skipped (already done) -> {output_dir}")
     for job_dir, record in failed:
-        print(f"vlmsafe: job failed: {job_dir}: {record.get('error')} (log: {job_dir / 'run.log'})", file=sys.stderr)
+        print(
+            f"vlmsafe: job failed: {job_dir}: {record.get('error')} (log: {job_dir / 'run.log'})",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 
@@ -166,13 +176,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmsafe",
         description="What compression does to the safety and mechanisms of VLMs and chat LLMs.",
-        epilog="vlmsafe run --help shows the Hydra options; overrides look like model=tiny-llama compress=magnitude50",
+        epilog="vlmsafe run --help shows the Hydra options; "
+        "overrides look like model=tiny-llama compress=magnitude50",
     )
     sub = parser.add_subparsers(dest="command", metavar="{run,report,list,version}")
     sub.add_parser("run", help="run one job, or a sweep with -m (Hydra overrides follow)", add_help=False)
-    report_parser = sub.add_parser("report", help="join the results of jobs under PATH... into tables and plots")
+    report_parser = sub.add_parser(
+        "report", help="join the results of jobs under PATH... into tables and plots"
+    )
     report_parser.add_argument("paths", nargs="+", metavar="PATH")
-    report_parser.add_argument("--out", help="where to write the summary (default: the PATH when one is given)")
+    report_parser.add_argument(
+        "--out", help="where to write the summary (default: the PATH when one is given)"
+    )
     list_parser = sub.add_parser("list", help="config groups, or the options of GROUP")
     list_parser.add_argument("group", nargs="?")
     sub.add_parser("version", help="vlmsafe and library versions")

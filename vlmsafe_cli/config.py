@@ -108,7 +108,8 @@ def parse_targets(target: Any) -> list[str]:
     bad = [p for p in parts if p not in TARGETS]
     if bad or not parts:
         raise UserError(
-            f"compress.target={target!r} is not valid; use one of {', '.join(TARGETS)}, all, or a list of them"
+            f"compress.target={target!r} is not valid; "
+            f"use one of {', '.join(TARGETS)}, all, or a list of them"
         )
     return parts
 
@@ -122,7 +123,9 @@ def parse_pattern(pattern: str) -> Optional[tuple[int, int]]:
         return None
     zeros, group = int(match.group(2)), int(match.group(3))
     if not 0 < zeros < group:
-        raise UserError(f"compress.pattern={pattern!r} needs 0 < N < M (N zeros in every M weights), e.g. 2:4")
+        raise UserError(
+            f"compress.pattern={pattern!r} needs 0 < N < M (N zeros in every M weights), e.g. 2:4"
+        )
     return zeros, group
 
 
@@ -137,7 +140,9 @@ def validate(cfg: DictConfig) -> None:
     _choice("model.dtype", cfg.model.dtype, DTYPES)
     _choice("model.source", cfg.model.source, MODEL_SOURCES)
     if cfg.model.source == "hub" and not (cfg.model.id or cfg.model.path):
-        raise UserError(f"model {cfg.model.name!r} names no checkpoint: set model.id=HUB_ID or model.path=DIR")
+        raise UserError(
+            f"model {cfg.model.name!r} names no checkpoint: set model.id=HUB_ID or model.path=DIR"
+        )
     if cfg.model.path and not Path(str(cfg.model.path)).expanduser().is_dir():
         raise UserError(f"model.path={cfg.model.path!r} does not exist or is not a directory")
 
@@ -146,7 +151,9 @@ def validate(cfg: DictConfig) -> None:
     if not 0.0 <= comp.sparsity < 1.0:
         raise UserError(f"compress.sparsity={comp.sparsity} is out of range; use a fraction in [0, 1)")
     if comp.method == "magnitude" and comp.sparsity == 0.0 and parse_pattern(comp.pattern) is None:
-        raise UserError("compress.sparsity=0 with method magnitude prunes nothing; set compress.sparsity in (0, 1)")
+        raise UserError(
+            "compress.sparsity=0 with method magnitude prunes nothing; set compress.sparsity in (0, 1)"
+        )
     n_m = parse_pattern(comp.pattern)
     if n_m is not None and comp.method != "none":
         expected = n_m[0] / n_m[1]
@@ -158,7 +165,9 @@ def validate(cfg: DictConfig) -> None:
     if comp.bits is not None and not 2 <= comp.bits <= 8:
         raise UserError(f"compress.bits={comp.bits} is out of range; use 2 to 8")
     if comp.group_size is not None and comp.group_size < 1 and comp.group_size != -1:
-        raise UserError(f"compress.group_size={comp.group_size} is not valid; use a positive size or -1 (per row)")
+        raise UserError(
+            f"compress.group_size={comp.group_size} is not valid; use a positive size or -1 (per row)"
+        )
     if not 0.0 <= comp.tolerance < 1.0:
         raise UserError(f"compress.tolerance={comp.tolerance} is out of range; use a fraction in [0, 1)")
     parse_targets(comp.target)

@@ -133,7 +133,10 @@ def one_line(err: BaseException) -> str:
 def compression_rows(model: torch.nn.Module, cfg: DictConfig, variant: str) -> list[dict]:
     """The size and sparsity facts every job records, for the base or the compressed model."""
     n_params, size_mb = size_facts(model)
-    rows = [row("compression", variant, "n_params", n_params), row("compression", variant, "size_mb", size_mb)]
+    rows = [
+        row("compression", variant, "n_params", n_params),
+        row("compression", variant, "size_mb", size_mb),
+    ]
     for part, (sparsity, n_weights) in sparsity_by_part(model, cfg.compress).items():
         rows.append(row("compression", variant, "sparsity_actual", sparsity, n=n_weights, group=part))
     valid = n_m_valid(model, cfg.compress)
@@ -143,7 +146,10 @@ def compression_rows(model: torch.nn.Module, cfg: DictConfig, variant: str) -> l
 
 
 def run_job(cfg: DictConfig, job_dir: Path, overrides: list[str], invocation: str = "") -> str:
-    """Run one job into `job_dir`; returns its status (done | failed). Ctrl-C marks it failed and re-raises."""
+    """Run one job into `job_dir`; returns its status (done | failed).
+
+    Ctrl-C marks the job failed and re-raises, so a sweep stops with every finished job intact.
+    """
     job_dir.mkdir(parents=True, exist_ok=True)
     stages: dict[str, float] = {}
     record: dict[str, Any] = {
@@ -223,5 +229,7 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides: list[str], invocation: st
             record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         record["finished"] = datetime.now().isoformat(timespec="seconds")
         write_json(job_dir / "job.json", record)
-        log.info("job %s: %s%s", job_dir, record["status"], f" ({record['error']})" if record["error"] else "")
+        log.info(
+            "job %s: %s%s", job_dir, record["status"], f" ({record['error']})" if record["error"] else ""
+        )
     return record["status"]

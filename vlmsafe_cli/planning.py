@@ -18,7 +18,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from vlmsafe_cli.config import VlmsafeConfig, validate
 from vlmsafe_cli.errors import UserError
@@ -72,9 +72,17 @@ def _schema_keys(full_key: str) -> tuple[str, list[str]]:
         if part not in fields:
             break
         parent = f"{parent}.{part}" if parent else part
-        default = fields[part].default_factory() if fields[part].default_factory is not dataclasses.MISSING else None
+        default = (
+            fields[part].default_factory()
+            if fields[part].default_factory is not dataclasses.MISSING
+            else None
+        )
         node = type(default) if dataclasses.is_dataclass(default) else None
-    keys = [f.name for f in dataclasses.fields(node)] if node is not None and dataclasses.is_dataclass(node) else []
+    keys = (
+        [f.name for f in dataclasses.fields(node)]
+        if node is not None and dataclasses.is_dataclass(node)
+        else []
+    )
     return parent or "the top level", keys
 
 
@@ -83,7 +91,7 @@ def _translate(err: Exception, job: list[str]) -> UserError:
     cause: BaseException | None = err
     while cause is not None and not isinstance(cause, OmegaConfBaseException):
         cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, ConfigKeyError) and getattr(cause, "full_key", None):
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and getattr(cause, "full_key", None):
         parent, keys = _schema_keys(cause.full_key)
         valid = f"; valid keys of {parent}: {', '.join(keys)}" if keys else ""
         return UserError(f"unknown key {cause.full_key!r}{valid}")

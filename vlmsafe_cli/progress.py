@@ -18,7 +18,7 @@ def interactive() -> bool:
 def track(
     items: Iterable[T], description: str, total: Optional[int] = None, min_seconds: float = 2.0
 ) -> Iterator[T]:
-    """Yield `items`, showing progress; plain mode logs at the end and every 10% (at most every `min_seconds`)."""
+    """Yield `items`, showing progress; plain: logs at the end and every 10%, `min_seconds` apart."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     if interactive():

@@ -79,7 +79,9 @@ def compress_model(model: nn.Module, comp: DictConfig, identity: dict) -> Compre
         start = time.perf_counter()
         _run_method(model, comp)
         built["seconds"] = time.perf_counter() - start
-        tensors = {f"{name}.weight": linear.weight.detach().cpu().contiguous() for name, linear in targets.items()}
+        tensors = {
+            f"{name}.weight": linear.weight.detach().cpu().contiguous() for name, linear in targets.items()
+        }
         save_file(tensors, str(tmp / "weights.safetensors"))
         (tmp / "meta.json").write_text(json.dumps({"seconds": built["seconds"]}))
 
@@ -95,7 +97,9 @@ def compress_model(model: nn.Module, comp: DictConfig, identity: dict) -> Compre
         return float(json.loads((path / "meta.json").read_text())["seconds"])
 
     seconds = cache.get_or_build("compressed", key, build, load)
-    return CompressOutcome(seconds=seconds, cache_hit="seconds" not in built, cache_path=cache.entry_path("compressed", key))
+    return CompressOutcome(
+        seconds=seconds, cache_hit="seconds" not in built, cache_path=cache.entry_path("compressed", key)
+    )
 
 
 def sparsity_by_part(model: nn.Module, comp: DictConfig) -> dict[str, tuple[float, int]]:
@@ -105,7 +109,9 @@ def sparsity_by_part(model: nn.Module, comp: DictConfig) -> dict[str, tuple[floa
     for name, linear in target_linears(model, parts, list(comp.skip)).items():
         counts[part_of(name)][0] += int((linear.weight == 0).sum())
         counts[part_of(name)][1] += linear.weight.numel()
-    return {part: (zeros / total if total else 0.0, total) for part, (zeros, total) in counts.items() if total}
+    return {
+        part: (zeros / total if total else 0.0, total) for part, (zeros, total) in counts.items() if total
+    }
 
 
 def n_m_valid(model: nn.Module, comp: DictConfig) -> Optional[tuple[float, int]]:
@@ -136,7 +142,8 @@ def verify_sparsity(model: nn.Module, comp: DictConfig) -> None:
     for part, (actual, _) in sparsity_by_part(model, comp).items():
         if abs(actual - requested) > comp.tolerance:
             raise JobError(
-                f"compression missed its target on {part}: sparsity {actual:.4f} vs requested {requested:.4f} "
+                f"compression missed its target on {part}: sparsity {actual:.4f} "
+                f"vs requested {requested:.4f} "
                 f"(tolerance {comp.tolerance})"
             )
 

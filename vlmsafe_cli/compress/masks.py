@@ -7,7 +7,9 @@ from typing import Optional
 import torch
 
 
-def kept_mask(scores: torch.Tensor, sparsity: float, n_m: Optional[tuple[int, int]], per_row: bool) -> torch.Tensor:
+def kept_mask(
+    scores: torch.Tensor, sparsity: float, n_m: Optional[tuple[int, int]], per_row: bool
+) -> torch.Tensor:
     """Boolean mask of the weights to keep: the lowest-scoring ones are pruned.
 
     Unstructured: exactly round(sparsity * size) weights are pruned, compared across the whole matrix
@@ -18,7 +20,9 @@ def kept_mask(scores: torch.Tensor, sparsity: float, n_m: Optional[tuple[int, in
     if n_m is not None:
         zeros, group = n_m
         if cols % group:
-            raise ValueError(f"N:M pattern {zeros}:{group} needs the input size ({cols}) to be a multiple of {group}")
+            raise ValueError(
+                f"N:M pattern {zeros}:{group} needs the input size ({cols}) to be a multiple of {group}"
+            )
         grouped = scores.reshape(rows, cols // group, group)
         pruned = torch.topk(grouped, zeros, dim=-1, largest=False).indices
         mask = torch.ones_like(grouped, dtype=torch.bool).scatter_(-1, pruned, False)

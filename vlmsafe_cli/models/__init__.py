@@ -59,7 +59,9 @@ def model_identity(model_cfg: DictConfig, seed: int) -> dict:
     identity = {"name": model_cfg.name, "source": model_cfg.source, "dtype": model_cfg.dtype}
     if model_cfg.path:
         path = Path(str(model_cfg.path)).expanduser().resolve()
-        stamps = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in path.iterdir() if p.is_file())
+        stamps = sorted(
+            (p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in path.iterdir() if p.is_file()
+        )
         identity.update(path=str(path), files=stamps)
     elif model_cfg.source == "hub":
         identity.update(id=model_cfg.id, revision=model_cfg.revision)
