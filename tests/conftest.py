@@ -21,7 +21,11 @@ def cli(capsys, monkeypatch):
 
     monkeypatch.delenv("VLMSAFE_INVOCATION", raising=False)
 
+    test_device = os.environ.get("VLMSAFE_TEST_DEVICE")  # `make gpu-check` runs the suite on cuda
+
     def run(*args: str) -> tuple[int, str, str]:
+        if test_device and args[:1] == ("run",) and not any(a.startswith("device=") for a in args):
+            args = (*args, f"device={test_device}")
         capsys.readouterr()
         with pytest.raises(SystemExit) as exited:
             main(list(args))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -194,9 +195,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _strip_run_from_completion_line() -> None:
+    """Hydra's shell completion parses $COMP_LINE after the program name: drop the `run` word there."""
+    line = os.environ.get("COMP_LINE")
+    match = re.match(r"^(\s*\S+)(\s+run)(\s|$)", line or "")
+    if match:
+        os.environ["COMP_LINE"] = line[: match.end(1)] + line[match.end(2) :]
+        point = int(os.environ.get("COMP_POINT", len(line)))
+        os.environ["COMP_POINT"] = str(max(0, point - len(match.group(2))))
+
+
 def dispatch(argv: Sequence[str]) -> int:
     argv = list(argv)
     if argv and argv[0] in ("-sc", "--shell-completion"):  # Hydra's completion calls the bare command
+        _strip_run_from_completion_line()
         argv = ["run"] + argv
     if argv and argv[0] == "run":
         return run(argv[1:])
@@ -220,6 +232,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             raise
         print(f"vlmsafe: error: {err}", file=sys.stderr)
         code = 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     sys.exit(code)
 
 

@@ -55,7 +55,8 @@ class CompressOutcome:
     cache_path: Optional[Path]
 
 
-def _run_method(model: nn.Module, comp: DictConfig) -> None:
+def run_method(model: nn.Module, comp: DictConfig) -> None:
+    """Compress `model` in place with the configured method (no cache)."""
     linears = target_linears(model, parse_targets(comp.target), list(comp.skip))
     if not linears:
         raise JobError(f"compress.target={comp.target} selects no linear layer of this model")
@@ -77,7 +78,7 @@ def compress_model(model: nn.Module, comp: DictConfig, identity: dict) -> Compre
 
     def build(tmp: Path) -> None:
         start = time.perf_counter()
-        _run_method(model, comp)
+        run_method(model, comp)
         built["seconds"] = time.perf_counter() - start
         tensors = {
             f"{name}.weight": linear.weight.detach().cpu().contiguous() for name, linear in targets.items()

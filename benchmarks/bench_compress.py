@@ -1,0 +1,74 @@
+"""Compression cost as a ratio to one forward pass over the calibration tokens, measured in the same run.
+
+Usage: python benchmarks/bench_compress.py [--model smollm2] [--device cpu|cuda] [--n-samples 64]
+       [--seq-len 256]
+Prints one line per method: seconds, ratio to the forward pass, peak RSS (CPU) or peak GPU memory.
+Token ids are seeded random ids: the timing of these methods does not depend on the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import psutil
+import torch
+from omegaconf import OmegaConf
+
+from vlmsafe_cli.compress import run_method
+from vlmsafe_cli.config import CompressConfig, ModelConfig
+from vlmsafe_cli.job import PeakMemory
+from vlmsafe_cli.models import load_model, resolve_device
+
+METHODS = {"magnitude50": {"method": "magnitude", "sparsity": 0.5}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", "tiny-llama"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--n-samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    source = "smollm2" if args.model == "smollm2" else "tiny"
+    model_cfg = OmegaConf.structured(ModelConfig(name=args.model, family="llama", source=source))
+    loaded = load_model(model_cfg, device, seed=0)
+    vocab = loaded.model.config.vocab_size
+    tokens = torch.randint(
+        0, vocab, (args.n_samples, args.seq_len), generator=torch.Generator().manual_seed(0)
+    )
+    print(
+        f"model={args.model} device={device} tokens={args.n_samples}x{args.seq_len} threads={torch.get_num_threads()}"
+    )
+
+    def forward_pass() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for batch in tokens.split(args.batch_size):
+                loaded.model.model(input_ids=batch.to(device))  # decoder only: no vocabulary projection
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    forward_seconds = forward_pass()
+    print(f"forward pass (decoder): {forward_seconds:.2f}s")
+    base_rss = psutil.Process().memory_info().rss / 2**20
+    for name, settings in METHODS.items():
+        model = copy.deepcopy(loaded.model)
+        comp = OmegaConf.structured(CompressConfig(name=name, **settings))
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            run_method(model, comp)
+            seconds = time.perf_counter() - start
+        print(
+            f"{name}: {seconds:.2f}s = {seconds / forward_seconds:.2f}x forward; "
+            f"peak RSS {memory.peak_mb:.0f} MiB (after load {base_rss:.0f} MiB)"
+        )
+        del model
+
+
+if __name__ == "__main__":
+    main()
