@@ -40,9 +40,8 @@ def main() -> None:
     tokens = torch.randint(
         0, vocab, (args.n_samples, args.seq_len), generator=torch.Generator().manual_seed(0)
     )
-    print(
-        f"model={args.model} device={device} tokens={args.n_samples}x{args.seq_len} threads={torch.get_num_threads()}"
-    )
+    shape = f"{args.n_samples}x{args.seq_len}"
+    print(f"model={args.model} device={device} tokens={shape} threads={torch.get_num_threads()}")
 
     def forward_pass() -> float:
         start = time.perf_counter()

@@ -34,7 +34,7 @@ from vlmsafe_cli.compress import (
 from vlmsafe_cli.config import hashed_config
 from vlmsafe_cli.errors import JobError, UserError
 from vlmsafe_cli.models import LoadedModel, load_model, model_identity, resolve_device
-from vlmsafe_cli.results import make_table, row, write_json, write_table
+from vlmsafe_cli.results import atomic_write, make_table, row, write_json, write_table
 
 log = logging.getLogger("vlmsafe.job")
 LIBRARIES = ("torch", "transformers", "bitsandbytes", "hydra-core", "omegaconf", "pandas", "safetensors")
@@ -215,7 +215,8 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides: list[str], invocation: st
                     "vlmsafe_version": __version__,
                 }
                 write_table(make_table(rows, provenance), job_dir)
-                (job_dir / "config.resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+                resolved = OmegaConf.to_yaml(cfg, resolve=True)
+                atomic_write(job_dir / "config.resolved.yaml", lambda tmp: tmp.write_text(resolved))
         record["status"] = "done"
     except KeyboardInterrupt:
         record.update(status="failed", error="interrupted (Ctrl-C) before the job finished")
