@@ -19,7 +19,7 @@ from vlmsafe_cli.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-MODEL_SOURCES = ("hub", "tiny", "smollm2", "organism")
+MODEL_SOURCES = ("hub", "tiny", "smollm2", "organism", "smol-llava", "random")
 TARGETS = ("language_model", "vision_tower", "projector")
 # Compression methods implemented so far; the compression issue adds wanda, sparsegpt, gptq, awq, rtn, bnb.
 COMPRESS_METHODS = ("none", "magnitude")
@@ -30,7 +30,7 @@ PATTERN_RE = re.compile(r"^(unstructured|(\d+):(\d+))$")
 class ModelConfig:
     name: str = MISSING
     family: str = MISSING  # llama | llava | paligemma | qwen2vl
-    source: str = "hub"  # hub (id or local path) | tiny (random-init, in-process) | smollm2 (embedded GGUF)
+    source: str = "hub"  # hub (id or local path) | tiny | smollm2 | organism | smol-llava | random
     id: Optional[str] = None  # hub id, e.g. llava-hf/llava-1.5-7b-hf
     path: Optional[str] = None  # local checkpoint directory; wins over id
     revision: Optional[str] = None

