@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from vlmsafe_cli.compress import run_method
 from vlmsafe_cli.config import CompressConfig, ModelConfig
 from vlmsafe_cli.job import PeakMemory
-from vlmsafe_cli.models import load_model, resolve_device
+from vlmsafe_cli.models import LoadedModel, load_model, resolve_device
 
 METHODS = {"magnitude50": {"method": "magnitude", "sparsity": 0.5}}
 
@@ -57,10 +57,11 @@ def main() -> None:
     base_rss = psutil.Process().memory_info().rss / 2**20
     for name, settings in METHODS.items():
         model = copy.deepcopy(loaded.model)
+        copy_loaded = LoadedModel(loaded.name, loaded.family, model, loaded.processor)
         comp = OmegaConf.structured(CompressConfig(name=name, **settings))
         with PeakMemory() as memory:
             start = time.perf_counter()
-            run_method(model, comp)
+            run_method(copy_loaded, comp)
             seconds = time.perf_counter() - start
         print(
             f"{name}: {seconds:.2f}s = {seconds / forward_seconds:.2f}x forward; "

@@ -195,7 +195,7 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides: list[str], invocation: st
                 loaded = load_model(cfg.model, device, cfg.seed)
             rows = compression_rows(loaded.model, cfg, "base") if cfg.compress.method != "none" else []
             with stage("compress"):
-                outcome = compress_model(loaded.model, cfg.compress, model_identity(cfg.model, cfg.seed))
+                outcome = compress_model(loaded, cfg.compress, model_identity(cfg.model, cfg.seed))
                 verify_sparsity(loaded.model, cfg.compress)
             record["compress_cache_hit"] = outcome.cache_hit
             variant = "compressed" if cfg.compress.method != "none" else "base"

@@ -22,6 +22,7 @@ from torch import nn
 from vlmsafe_cli import cache
 from vlmsafe_cli.config import parse_pattern, parse_targets
 from vlmsafe_cli.errors import JobError
+from vlmsafe_cli.models import LoadedModel
 
 CACHE_FORMAT = 1
 PROJECTOR_RE = re.compile(r"(multi_modal_projector|visual\.merger|mm_projector)")
@@ -55,8 +56,12 @@ class CompressOutcome:
     cache_path: Optional[Path]
 
 
-def run_method(model: nn.Module, comp: DictConfig) -> None:
-    """Compress `model` in place with the configured method (no cache)."""
+def run_method(loaded: LoadedModel, comp: DictConfig) -> None:
+    """Compress `loaded.model` in place with the configured method (no cache).
+
+    Methods get the whole LoadedModel: calibration-based ones build their inputs with its adapter.
+    """
+    model = loaded.model
     linears = target_linears(model, parse_targets(comp.target), list(comp.skip))
     if not linears:
         raise JobError(f"compress.target={comp.target} selects no linear layer of this model")
@@ -68,8 +73,9 @@ def run_method(model: nn.Module, comp: DictConfig) -> None:
         raise JobError(f"compress.method={comp.method} has no implementation")
 
 
-def compress_model(model: nn.Module, comp: DictConfig, identity: dict) -> CompressOutcome:
-    """Compress `model` in place (from the cache when this exact compression was built before)."""
+def compress_model(loaded: LoadedModel, comp: DictConfig, identity: dict) -> CompressOutcome:
+    """Compress `loaded.model` in place (from the cache when this exact compression was built before)."""
+    model = loaded.model
     if comp.method == "none":
         return CompressOutcome(seconds=0.0, cache_hit=False, cache_path=None)
     key = {"format": CACHE_FORMAT, "model": identity, "compress": OmegaConf.to_container(comp, resolve=True)}
@@ -78,7 +84,7 @@ def compress_model(model: nn.Module, comp: DictConfig, identity: dict) -> Compre
 
     def build(tmp: Path) -> None:
         start = time.perf_counter()
-        run_method(model, comp)
+        run_method(loaded, comp)
         built["seconds"] = time.perf_counter() - start
         tensors = {
             f"{name}.weight": linear.weight.detach().cpu().contiguous() for name, linear in targets.items()
