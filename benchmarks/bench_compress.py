@@ -3,7 +3,8 @@
 Usage: python benchmarks/bench_compress.py [--model smollm2] [--device cpu|cuda] [--n-samples 64]
        [--seq-len 256]
 Prints one line per method: seconds, ratio to the forward pass, peak RSS (CPU) or peak GPU memory.
-Token ids are seeded random ids: the timing of these methods does not depend on the text.
+The forward pass runs on seeded random token ids; Wanda and SparseGPT calibrate on as many corpus windows
+of the same length, in batches of the same size (their timing does not depend on the text).
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ import torch
 from omegaconf import OmegaConf
 
 from vlmsafe_cli.compress import run_method
-from vlmsafe_cli.config import CompressConfig, ModelConfig
+from vlmsafe_cli.compress.calibration import BATCH_SIZE
+from vlmsafe_cli.config import CalibrationConfig, CompressConfig, ModelConfig
 from vlmsafe_cli.job import PeakMemory
 from vlmsafe_cli.models import LoadedModel, load_model, resolve_device
 
-METHODS = {"magnitude50": {"method": "magnitude", "sparsity": 0.5}}
+METHODS = {
+    "magnitude50": {"method": "magnitude", "sparsity": 0.5},
+    "wanda50": {"method": "wanda", "sparsity": 0.5},
+    "sparsegpt50": {"method": "sparsegpt", "sparsity": 0.5},
+}
 
 
 def main() -> None:
@@ -30,7 +36,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--n-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)  # the calibration methods' batch
     args = parser.parse_args()
     device = resolve_device(args.device)
     source = "smollm2" if args.model == "smollm2" else "tiny"
@@ -42,6 +48,10 @@ def main() -> None:
     )
     shape = f"{args.n_samples}x{args.seq_len}"
     print(f"model={args.model} device={device} tokens={shape} threads={torch.get_num_threads()}")
+    model_mb = sum(p.numel() * 4 for p in loaded.model.parameters()) / 2**20
+    hidden = loaded.model.config.get_text_config().hidden_size
+    activations_mb = args.n_samples * args.seq_len * hidden * 4 / 2**20
+    print(f"fp32 model {model_mb:.0f} MiB; calibration activations (one copy) {activations_mb:.0f} MiB")
 
     def forward_pass() -> float:
         start = time.perf_counter()
@@ -58,14 +68,16 @@ def main() -> None:
     for name, settings in METHODS.items():
         model = copy.deepcopy(loaded.model)
         copy_loaded = LoadedModel(loaded.name, loaded.family, model, loaded.processor)
-        comp = OmegaConf.structured(CompressConfig(name=name, **settings))
+        calibration = CalibrationConfig(n_samples=args.n_samples, seq_len=args.seq_len)  # the same tokens
+        comp = OmegaConf.structured(CompressConfig(name=name, calibration=calibration, **settings))
         with PeakMemory() as memory:
             start = time.perf_counter()
             run_method(copy_loaded, comp)
             seconds = time.perf_counter() - start
         print(
             f"{name}: {seconds:.2f}s = {seconds / forward_seconds:.2f}x forward; "
-            f"peak RSS {memory.peak_mb:.0f} MiB (after load {base_rss:.0f} MiB)"
+            f"peak RSS {memory.peak_mb:.0f} MiB (after load {base_rss:.0f} MiB; the copy and the method "
+            f"add {(memory.peak_mb - base_rss) / model_mb:.2f}x the fp32 model)"
         )
         del model
 

@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 # model are converted once; tests that corrupt or count cache entries use their own directory.
 os.environ.setdefault("VLMSAFE_CACHE", str(REPO / ".cache" / "test-cache"))
 os.environ.pop("VLMSAFE_DEBUG", None)
+TEST_PPL_SAMPLES = 2  # perplexity windows per job in CLI tests (default 16): ppl costs seconds on CPU
 
 
 @pytest.fixture
@@ -26,6 +27,8 @@ def cli(capsys, monkeypatch):
     def run(*args: str) -> tuple[int, str, str]:
         if test_device and args[:1] == ("run",) and not any(a.startswith("device=") for a in args):
             args = (*args, f"device={test_device}")
+        if args[:1] == ("run",) and not any(a.startswith("compress.ppl_") for a in args):
+            args = (*args, f"compress.ppl_samples={TEST_PPL_SAMPLES}")  # tests that measure ppl set their own
         capsys.readouterr()
         with pytest.raises(SystemExit) as exited:
             main(list(args))

@@ -19,7 +19,8 @@ def test_list_groups_and_options(cli):
     assert code == 0 and "local_procs" in out and "slurm" in out and "SLURM" in out
     code, out, _ = cli("list", "compress")
     lines = {line.split()[0]: line for line in out.splitlines()}
-    assert set(lines) == {"magnitude50", "none"} and "magnitude pruning" in lines["magnitude50"]
+    assert {"magnitude50", "none", "rtn4", "rtn8", "int8", "nf4", "fp4"} <= set(lines)
+    assert "magnitude pruning" in lines["magnitude50"] and "NF4" in lines["nf4"]
 
 
 def test_version(cli):
@@ -45,4 +46,5 @@ def test_shell_completion_through_the_run_subcommand():
 
 def test_hydra_help(cli):
     code, out, _ = cli("run", "--help")
-    assert code == 0 and "compress: magnitude50, none" in out
+    options = next(line for line in out.splitlines() if line.startswith("compress: ")).split(":", 1)[1]
+    assert code == 0 and {"magnitude50", "none", "rtn4", "nf4"} <= set(options.replace(",", " ").split())

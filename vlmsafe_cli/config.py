@@ -114,9 +114,7 @@ class AlignConfig:
     distill_max_new_tokens: int = 64
     distill_batch_size: int = 16
     harmful_fraction: Optional[float] = None  # share of harmful examples per batch; None = uniform over all
-    distill_filter: bool = (
-        False  # drop self-distilled answers the rule judge calls over-refusal or degenerate
-    )
+    distill_filter: bool = False  # drop self-distilled answers judged over-refusal or degenerate
     n_harmful: Optional[int] = None  # None = all
     n_harmless: Optional[int] = None
     seed: int = 0

@@ -25,13 +25,18 @@ from omegaconf import DictConfig, OmegaConf
 from vlmsafe_cli import __version__, cache
 from vlmsafe_cli.analysis import entry_function
 from vlmsafe_cli.compress import (
+    bits_by_part,
     compress_model,
     n_m_valid,
-    size_facts,
     sparsity_by_part,
+    target_linears,
     verify_sparsity,
 )
-from vlmsafe_cli.config import hashed_config
+from vlmsafe_cli.compress.export import export_checkpoint
+from vlmsafe_cli.compress.perplexity import perplexity_rows
+from vlmsafe_cli.compress.quantize import FAKE_QUANT_METHODS
+from vlmsafe_cli.compress.storage import model_facts
+from vlmsafe_cli.config import hashed_config, parse_targets
 from vlmsafe_cli.errors import JobError, UserError
 from vlmsafe_cli.models import LoadedModel, load_model, model_identity, resolve_device
 from vlmsafe_cli.results import atomic_write, make_table, row, write_json, write_table
@@ -130,19 +135,27 @@ def one_line(err: BaseException) -> str:
     return message if isinstance(err, (UserError, JobError)) else f"{type(err).__name__}: {message}"
 
 
-def compression_rows(model: torch.nn.Module, cfg: DictConfig, variant: str) -> list[dict]:
-    """The size and sparsity facts every job records, for the base or the compressed model."""
-    n_params, size_mb = size_facts(model)
-    rows = [
-        row("compression", variant, "n_params", n_params),
-        row("compression", variant, "size_mb", size_mb),
-    ]
-    for part, (sparsity, n_weights) in sparsity_by_part(model, cfg.compress).items():
+def compression_rows(loaded: LoadedModel, cfg: DictConfig, variant: str) -> list[dict]:
+    """The size, storage, sparsity and perplexity facts every job records, for the base or compressed model.
+
+    Fake-quantised weights are dense in memory: `size_mb` counts them as stored, `size_mb_effective` and
+    `bits_per_weight` as a packed export would (bitsandbytes weights are packed in memory already).
+    """
+    model, comp = loaded.model, cfg.compress
+    fake_quantized = variant == "compressed" and comp.method in FAKE_QUANT_METHODS
+    fake_quant = (comp.bits, comp.group_size) if fake_quantized else None
+    targets = target_linears(model, parse_targets(comp.target), list(comp.skip))
+    facts = model_facts(model, targets, fake_quant)
+    rows = [row("compression", variant, metric, facts[metric]) for metric in facts]
+    for part, (sparsity, n_weights) in sparsity_by_part(model, comp).items():
         rows.append(row("compression", variant, "sparsity_actual", sparsity, n=n_weights, group=part))
-    valid = n_m_valid(model, cfg.compress)
+    for part, (bits, n_weights) in bits_by_part(model, comp, fake_quant).items():
+        rows.append(row("compression", variant, "bits_per_weight", bits, n=n_weights, group=part))
+    valid = n_m_valid(model, comp)
     if valid is not None:
         rows.append(row("compression", variant, "n_m_valid", valid[0], n=valid[1]))
-    return rows
+    base_key = {"model": model_identity(cfg.model, cfg.seed)} if variant == "base" else None
+    return rows + perplexity_rows(loaded, comp, variant, cfg.seed, cache_key=base_key)
 
 
 def run_job(cfg: DictConfig, job_dir: Path, overrides: list[str], invocation: str = "") -> str:
@@ -193,16 +206,23 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides: list[str], invocation: st
                 torch.cuda.reset_peak_memory_stats()
             with stage("load"):
                 loaded = load_model(cfg.model, device, cfg.seed)
-            rows = compression_rows(loaded.model, cfg, "base") if cfg.compress.method != "none" else []
+            rows = []
+            if cfg.compress.method != "none":
+                with stage("facts:base"):  # sizes, bits, sparsity, perplexity
+                    rows += compression_rows(loaded, cfg, "base")
             with stage("compress"):
                 outcome = compress_model(loaded, cfg.compress, model_identity(cfg.model, cfg.seed))
                 verify_sparsity(loaded.model, cfg.compress)
             record["compress_cache_hit"] = outcome.cache_hit
             variant = "compressed" if cfg.compress.method != "none" else "base"
-            rows += compression_rows(loaded.model, cfg, variant)
+            with stage(f"facts:{variant}"):
+                rows += compression_rows(loaded, cfg, variant)
             if cfg.compress.method != "none":
                 rows.append(row("compression", "compressed", "compress_seconds", outcome.seconds))
             workspace = Workspace(cfg=cfg, job_dir=job_dir, device=device, compressed=loaded)
+            if cfg.compress.save:
+                with stage("save"):
+                    export_checkpoint(loaded, workspace.artifacts / "compressed")
             for name, settings in cfg.analysis.items():
                 with stage(f"analysis:{name}"):
                     rows += entry_function(name)(workspace, settings)

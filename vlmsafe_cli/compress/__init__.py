@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlmsafe_cli import cache
+from vlmsafe_cli.compress.storage import dense_weight, linear_facts
 from vlmsafe_cli.config import parse_pattern, parse_targets
 from vlmsafe_cli.errors import JobError
 from vlmsafe_cli.models import LoadedModel
@@ -59,7 +60,8 @@ class CompressOutcome:
 def run_method(loaded: LoadedModel, comp: DictConfig) -> None:
     """Compress `loaded.model` in place with the configured method (no cache).
 
-    Methods get the whole LoadedModel: calibration-based ones build their inputs with its adapter.
+    Methods get the whole LoadedModel: calibration-based ones build their inputs with its adapter;
+    bnb replaces `loaded.model` with a reloaded, quantised model.
     """
     model = loaded.model
     linears = target_linears(model, parse_targets(comp.target), list(comp.skip))
@@ -69,16 +71,39 @@ def run_method(loaded: LoadedModel, comp: DictConfig) -> None:
         from vlmsafe_cli.compress.magnitude import magnitude_prune
 
         magnitude_prune(linears, comp.sparsity, parse_pattern(comp.pattern))
+    elif comp.method == "wanda":
+        from vlmsafe_cli.compress.wanda import wanda_prune
+
+        wanda_prune(loaded, linears, comp)
+    elif comp.method == "sparsegpt":
+        from vlmsafe_cli.compress.sparsegpt import sparsegpt_prune
+
+        sparsegpt_prune(loaded, linears, comp)
+    elif comp.method == "rtn":
+        from vlmsafe_cli.compress.quantize import rtn_quantize
+
+        rtn_quantize(linears, comp.bits, comp.group_size)
+    elif comp.method == "bnb":  # bitsandbytes quantises while loading: the model is replaced
+        from vlmsafe_cli.compress.bnb import quantize_bnb
+
+        loaded.model = quantize_bnb(loaded, comp, linears)
     else:  # validate() admits only implemented methods
         raise JobError(f"compress.method={comp.method} has no implementation")
 
 
 def compress_model(loaded: LoadedModel, comp: DictConfig, identity: dict) -> CompressOutcome:
-    """Compress `loaded.model` in place (from the cache when this exact compression was built before)."""
+    """Compress `loaded.model` in place (from the cache when this exact compression was built before).
+
+    bnb is not cached: it replaces `loaded.model` by a reload, which costs no more than reading a cache.
+    """
     model = loaded.model
     if comp.method == "none":
         return CompressOutcome(seconds=0.0, cache_hit=False, cache_path=None)
-    key = {"format": CACHE_FORMAT, "model": identity, "compress": OmegaConf.to_container(comp, resolve=True)}
+    if comp.method == "bnb":
+        start = time.perf_counter()
+        run_method(loaded, comp)
+        return CompressOutcome(seconds=time.perf_counter() - start, cache_hit=False, cache_path=None)
+    key = {"format": CACHE_FORMAT, "model": identity, "compress": weights_settings(comp)}
     targets = target_linears(model, parse_targets(comp.target), list(comp.skip))
     built = {}
 
@@ -114,8 +139,9 @@ def sparsity_by_part(model: nn.Module, comp: DictConfig) -> dict[str, tuple[floa
     parts = parse_targets(comp.target)
     counts: dict[str, list[int]] = {part: [0, 0] for part in parts}
     for name, linear in target_linears(model, parts, list(comp.skip)).items():
-        counts[part_of(name)][0] += int((linear.weight == 0).sum())
-        counts[part_of(name)][1] += linear.weight.numel()
+        weight = dense_weight(linear)
+        counts[part_of(name)][0] += int((weight == 0).sum())
+        counts[part_of(name)][1] += weight.numel()
     return {
         part: (zeros / total if total else 0.0, total) for part, (zeros, total) in counts.items() if total
     }
@@ -129,7 +155,7 @@ def n_m_valid(model: nn.Module, comp: DictConfig) -> Optional[tuple[float, int]]
     zeros_needed, group = n_m
     valid = total = 0
     for linear in target_linears(model, parse_targets(comp.target), list(comp.skip)).values():
-        weight = linear.weight
+        weight = dense_weight(linear)
         if weight.shape[1] % group:
             continue
         zeros = (weight.reshape(weight.shape[0], -1, group) == 0).sum(-1)
@@ -155,8 +181,29 @@ def verify_sparsity(model: nn.Module, comp: DictConfig) -> None:
             )
 
 
-def size_facts(model: nn.Module) -> tuple[int, float]:
-    """(number of parameters, their storage size in MB of 10^6 bytes)."""
-    n_params = sum(p.numel() for p in model.parameters())
-    size_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return n_params, size_bytes / 1e6
+# Compress settings that do not change the compressed weights (perplexity, export), left out of cache keys.
+NOT_WEIGHT_KEYS = ("ppl_samples", "ppl_seq_len", "save")
+
+
+def weights_settings(comp: DictConfig) -> dict:
+    """The compress config minus NOT_WEIGHT_KEYS: what the cached compressed weights depend on."""
+    settings = OmegaConf.to_container(comp, resolve=True)
+    assert isinstance(settings, dict)
+    return {key: value for key, value in settings.items() if key not in NOT_WEIGHT_KEYS}
+
+
+def bits_by_part(
+    model: nn.Module, comp: DictConfig, fake_quant: Optional[tuple[int, int]] = None
+) -> dict[str, tuple[float, int]]:
+    """Storage bits per weight (scales and zero points included) and weight count of each targeted part.
+
+    Measured from the modules (dtype bits, bitsandbytes packed data + scales); `fake_quant` = (bits,
+    group_size) counts the targets as packed RTN matrices, since fake-quant weights are stored dense.
+    """
+    parts = parse_targets(comp.target)
+    totals: dict[str, list[float]] = {part: [0.0, 0] for part in parts}
+    for name, linear in target_linears(model, parts, list(comp.skip)).items():
+        count, bits = linear_facts(linear, fake_quant)
+        totals[part_of(name)][0] += bits
+        totals[part_of(name)][1] += count
+    return {part: (bits / count, int(count)) for part, (bits, count) in totals.items() if count}

@@ -14,7 +14,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 from urllib.parse import urlparse
 
 import torch
@@ -34,6 +34,9 @@ class LoadedModel:
     family: str  # llama | llava | paligemma | qwen2vl
     model: torch.nn.Module
     processor: Any  # a tokenizer for text models, a processor for VLMs
+    # from_pretrained(**pretrained) reloads exactly these weights (hub id, local dir, the smollm2 checkpoint);
+    # None for models built or changed in memory. bitsandbytes quantization reloads from it.
+    pretrained: Optional[dict] = None
 
     @property
     def is_vlm(self) -> bool:
@@ -115,10 +118,12 @@ def check_available(model_cfg: DictConfig) -> None:
 def load_model(model_cfg: DictConfig, device: torch.device, seed: int) -> LoadedModel:
     """Load the configured model onto `device` in eval mode."""
     dtype = resolve_dtype(model_cfg.dtype, device)
+    pretrained = None
     if model_cfg.path or model_cfg.source == "hub":
-        from vlmsafe_cli.models.hub import load_pretrained
+        from vlmsafe_cli.models.hub import load_pretrained, pretrained_source
 
         model, processor = load_pretrained(model_cfg, device, dtype)
+        pretrained = pretrained_source(model_cfg)
     elif model_cfg.source == "tiny":
         from vlmsafe_cli.models.tiny import build_tiny
 
@@ -132,6 +137,10 @@ def load_model(model_cfg: DictConfig, device: torch.device, seed: int) -> Loaded
         from vlmsafe_cli.models.smollm2 import load_smollm2
 
         model, processor = load_smollm2(dtype=dtype, device=str(device))
+        if model_cfg.source == "smollm2":
+            from vlmsafe_cli.models.smollm2 import smollm2_checkpoint
+
+            pretrained = {"pretrained_model_name_or_path": str(smollm2_checkpoint())}
         if model_cfg.source in ("organism", "smol-llava"):
             from vlmsafe_cli.align import apply_delta
 
@@ -141,4 +150,6 @@ def load_model(model_cfg: DictConfig, device: torch.device, seed: int) -> Loaded
 
             model, processor = build_smol_llava(model, processor, seed)
     model.eval()
-    return LoadedModel(name=model_cfg.name, family=model_cfg.family, model=model, processor=processor)
+    return LoadedModel(
+        name=model_cfg.name, family=model_cfg.family, model=model, processor=processor, pretrained=pretrained
+    )

@@ -14,6 +14,18 @@ from omegaconf import DictConfig
 from vlmsafe_cli.errors import UserError
 
 
+def pretrained_source(model_cfg: DictConfig) -> dict:
+    """The from_pretrained arguments naming the checkpoint: local directory (wins) or hub id + revision."""
+    if model_cfg.path:
+        path = str(Path(str(model_cfg.path)).expanduser())
+        return {"pretrained_model_name_or_path": path, "trust_remote_code": bool(model_cfg.trust_remote_code)}
+    return {
+        "pretrained_model_name_or_path": model_cfg.id,
+        "revision": model_cfg.revision,
+        "trust_remote_code": bool(model_cfg.trust_remote_code),
+    }
+
+
 def load_pretrained(model_cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     """(model, tokenizer or processor) for a text (`llama`) or vision-language family."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
