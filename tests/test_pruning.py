@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
+from helpers import compressed, correlated_inputs, run_job
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -24,18 +21,6 @@ from vlmsafe_cli.config import CalibrationConfig
 from vlmsafe_cli.models import LoadedModel
 from vlmsafe_cli.models.adapter import get_adapter
 from vlmsafe_cli.models.tiny import build_tiny
-
-SMALL_CALIBRATION = ("compress.calibration.n_samples=8", "compress.calibration.seq_len=32")
-
-
-def correlated_inputs(tokens: int, columns: int, seed: int = 0) -> torch.Tensor:
-    """(tokens, columns) inputs driven by a few shared factors (correlated channels), plus channel noise,
-    with channel scales spread over two decades (where Wanda's input norms matter)."""
-    generator = torch.Generator().manual_seed(seed)
-    shared = torch.randn(tokens, 8, generator=generator) @ torch.randn(8, columns, generator=generator)
-    own = 0.3 * torch.randn(tokens, columns, generator=generator)
-    scales = torch.logspace(-1, 1, columns)[torch.randperm(columns, generator=generator)]
-    return (shared + own) * scales
 
 
 def pruned_weights(weight: torch.Tensor, inputs: torch.Tensor, method: str, sparsity: float, n_m=None):
@@ -207,25 +192,6 @@ def test_image_calibration_is_deterministic_and_sized_for_the_processor():
 
 
 # -- end to end -------------------------------------------------------------------------------------------
-def run_job(cli, tmp_path: Path, monkeypatch, *overrides: str) -> pd.DataFrame:
-    """Run one job in a fresh cache (no compression cache hit may hide the work); only the session's
-    converted tokenizers are copied in, to save their conversion."""
-    session_tokenizers = Path(os.environ["VLMSAFE_CACHE"]) / "tokenizers"
-    if session_tokenizers.is_dir():
-        shutil.copytree(session_tokenizers, tmp_path / "cache" / "tokenizers")
-    monkeypatch.setenv("VLMSAFE_CACHE", str(tmp_path / "cache"))
-    code, out, err = cli("run", *overrides, *SMALL_CALIBRATION, f"hydra.run.dir={tmp_path / 'job'}")
-    record = json.loads((tmp_path / "job" / "job.json").read_text())
-    assert code == 0 and record["status"] == "done", (out, err, record.get("error"))
-    assert record["compress_cache_hit"] is False
-    return pd.read_parquet(tmp_path / "job" / "results.parquet")
-
-
-def compressed(table: pd.DataFrame, metric: str) -> pd.Series:
-    rows = table[(table.metric == metric) & (table.variant == "compressed")]
-    return rows.set_index("group").value if rows.group.notna().any() else rows.value
-
-
 def test_wanda50_on_tiny_llama(cli, tmp_path, monkeypatch):
     table = run_job(cli, tmp_path, monkeypatch, "model=tiny-llama", "compress=wanda50")
     assert compressed(table, "sparsity_actual").to_dict() == {"language_model": 0.5}
@@ -245,20 +211,31 @@ def test_wanda50_on_every_part_of_a_tiny_vlm(cli, tmp_path, monkeypatch, model):
     assert (sparsity - 0.5).abs().max() <= 0.005
 
 
-@pytest.mark.parametrize(
-    "name", ["wanda50", "sparsegpt50", "magnitude_2of4", "wanda_2of4", "sparsegpt_2of4", "wanda_4of8"]
-)
-def test_pruning_configs_validate(name):
+CALIBRATED = ("wanda", "sparsegpt", "gptq", "awq")
+ISSUE_METHODS = {  # the compress options the compression issue names
+    "none", "magnitude50", "wanda50", "sparsegpt50", "magnitude_2of4", "wanda_2of4", "sparsegpt_2of4",
+    "wanda_4of8", "int8", "nf4", "fp4", "gptq4", "gptq3", "awq4", "rtn4", "rtn8",
+}  # fmt: skip
+CONF_COMPRESS = Path(__file__).resolve().parents[1] / "conf" / "compress"
+
+
+def test_every_compress_option_of_the_issue_exists():
+    assert {path.stem for path in CONF_COMPRESS.glob("*.yaml")} == ISSUE_METHODS
+
+
+@pytest.mark.parametrize("name", sorted(ISSUE_METHODS))
+def test_compress_configs_validate(name):
     from vlmsafe_cli.config import VlmsafeConfig, validate
 
-    path = Path(__file__).resolve().parents[1] / "conf" / "compress" / f"{name}.yaml"
+    path = CONF_COMPRESS / f"{name}.yaml"
     assert path.read_text().startswith("# ")
     model = {"name": "tiny-llama", "family": "llama", "source": "tiny"}
-    cfg = OmegaConf.merge(
-        OmegaConf.structured(VlmsafeConfig), {"model": model, "compress": OmegaConf.load(path)}
-    )
+    compress = OmegaConf.load(path)
+    cfg = OmegaConf.merge(OmegaConf.structured(VlmsafeConfig), {"model": model, "compress": compress})
     validate(cfg)
-    assert cfg.compress.name == name and cfg.compress.calibration.n_samples == 64
+    assert cfg.compress.name == name
+    if cfg.compress.method in CALIBRATED:  # the issue's calibration: 64 samples of 256 tokens
+        assert (cfg.compress.calibration.n_samples, cfg.compress.calibration.seq_len) == (64, 256)
 
 
 def test_calibrated_pruning_without_sparsity_is_a_user_error(cli, tmp_path):

@@ -21,10 +21,10 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 MODEL_SOURCES = ("hub", "tiny", "smollm2", "organism", "smol-llava", "random")
 TARGETS = ("language_model", "vision_tower", "projector")
-# Compression methods implemented so far; the compression issue adds gptq, awq.
-COMPRESS_METHODS = ("none", "magnitude", "wanda", "sparsegpt", "rtn", "bnb")
+COMPRESS_METHODS = ("none", "magnitude", "wanda", "sparsegpt", "gptq", "awq", "rtn", "bnb")
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
-QUANT_METHODS = ("rtn", "bnb")  # weight quantization: no sparsity, pattern must stay unstructured
+QUANT_METHODS = ("gptq", "awq", "rtn", "bnb")  # weight quantization: no sparsity, no N:M pattern
+GROUPED_QUANT_METHODS = ("gptq", "awq", "rtn")  # fake-quant on groups of consecutive inputs
 BNB_QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes 4-bit data types
 PATTERN_RE = re.compile(r"^(unstructured|(\d+):(\d+))$")
 
@@ -55,8 +55,9 @@ class CompressConfig:
     method: str = "none"
     sparsity: float = 0.0  # fraction of weights set to zero, per matrix
     pattern: str = "unstructured"  # unstructured | N:M (N zeros in every group of M consecutive inputs)
-    bits: Optional[int] = None  # rtn: 2..8; bnb: 8 (LLM.int8) or 4 (quant_type nf4 | fp4)
-    group_size: Optional[int] = None  # rtn: consecutive inputs per scale/zero, -1 = one group per row
+    bits: Optional[int] = None  # gptq/awq/rtn: 2..8; bnb: 8 (LLM.int8) or 4 (quant_type nf4 | fp4)
+    group_size: Optional[int] = None  # gptq/awq/rtn: consecutive inputs per scale/zero, -1 = one per row
+    act_order: bool = False  # gptq: quantise columns by decreasing Hessian diagonal (desc_act)
     quant_type: Optional[str] = None  # bnb 4-bit data type: nf4 | fp4
     target: Any = "language_model"  # language_model | vision_tower | projector | all | a list of them
     skip: List[str] = field(default_factory=lambda: ["lm_head", "embed_tokens", "embeddings"])
@@ -189,9 +190,13 @@ def validate_quantization(comp: DictConfig) -> None:
             )
         if comp.group_size is not None:
             raise UserError("compress.group_size is not used by bitsandbytes (blocks of 64); drop it")
-    elif comp.method == "rtn":
+    elif comp.method in GROUPED_QUANT_METHODS:
         if comp.bits is None or comp.group_size is None:
-            raise UserError("compress.method=rtn needs compress.bits (2 to 8) and compress.group_size")
+            raise UserError(
+                f"compress.method={comp.method} needs compress.bits (2 to 8) and compress.group_size"
+            )
+    if comp.act_order and comp.method != "gptq":
+        raise UserError(f"compress.act_order applies to gptq only, not {comp.method}; drop it")
     if comp.bits is not None and not 2 <= comp.bits <= 8:
         raise UserError(f"compress.bits={comp.bits} is out of range; use 2 to 8")
     if comp.group_size is not None and comp.group_size < 1 and comp.group_size != -1:

@@ -34,7 +34,7 @@ from vlmsafe_cli.compress import (
 )
 from vlmsafe_cli.compress.export import export_checkpoint
 from vlmsafe_cli.compress.perplexity import perplexity_rows
-from vlmsafe_cli.compress.quantize import FAKE_QUANT_METHODS
+from vlmsafe_cli.compress.quantize import FAKE_QUANT_METHODS, fake_quant_layout
 from vlmsafe_cli.compress.storage import model_facts
 from vlmsafe_cli.config import hashed_config, parse_targets
 from vlmsafe_cli.errors import JobError, UserError
@@ -143,7 +143,7 @@ def compression_rows(loaded: LoadedModel, cfg: DictConfig, variant: str) -> list
     """
     model, comp = loaded.model, cfg.compress
     fake_quantized = variant == "compressed" and comp.method in FAKE_QUANT_METHODS
-    fake_quant = (comp.bits, comp.group_size) if fake_quantized else None
+    fake_quant = fake_quant_layout(comp) if fake_quantized else None
     targets = target_linears(model, parse_targets(comp.target), list(comp.skip))
     facts = model_facts(model, targets, fake_quant)
     rows = [row("compression", variant, metric, facts[metric]) for metric in facts]

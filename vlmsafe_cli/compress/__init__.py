@@ -79,6 +79,14 @@ def run_method(loaded: LoadedModel, comp: DictConfig) -> None:
         from vlmsafe_cli.compress.sparsegpt import sparsegpt_prune
 
         sparsegpt_prune(loaded, linears, comp)
+    elif comp.method == "gptq":
+        from vlmsafe_cli.compress.gptq import gptq_quantize
+
+        gptq_quantize(loaded, linears, comp)
+    elif comp.method == "awq":
+        from vlmsafe_cli.compress.awq import awq_quantize
+
+        awq_quantize(loaded, linears, comp)
     elif comp.method == "rtn":
         from vlmsafe_cli.compress.quantize import rtn_quantize
 
@@ -193,12 +201,12 @@ def weights_settings(comp: DictConfig) -> dict:
 
 
 def bits_by_part(
-    model: nn.Module, comp: DictConfig, fake_quant: Optional[tuple[int, int]] = None
+    model: nn.Module, comp: DictConfig, fake_quant: Optional[tuple[int, int, int]] = None
 ) -> dict[str, tuple[float, int]]:
     """Storage bits per weight (scales and zero points included) and weight count of each targeted part.
 
     Measured from the modules (dtype bits, bitsandbytes packed data + scales); `fake_quant` = (bits,
-    group_size) counts the targets as packed RTN matrices, since fake-quant weights are stored dense.
+    group_size, column bits) counts the targets as packed matrices, since fake-quant weights are stored dense.
     """
     parts = parse_targets(comp.target)
     totals: dict[str, list[float]] = {part: [0.0, 0] for part in parts}

@@ -1,13 +1,15 @@
-"""Sequential, block-by-block pruning with calibration data: the machinery Wanda and SparseGPT share.
+"""Sequential, block-by-block compression with calibration data: the machinery of Wanda, SparseGPT, GPTQ
+and AWQ.
 
 As in the reference code of Sun et al. (2024) and Frantar & Alistarh (2023): capture what enters a part's
 first block, then for each block in order accumulate its target linears' input statistics over all
 calibration samples, prune the block, and run the pruned block again to get the next block's inputs, so
-every block is calibrated on the outputs of the already-pruned blocks before it. Unlike the references,
+every block is calibrated on the outputs of the already-pruned blocks before it (AWQ, as AutoAWQ, instead
+propagates the blocks' outputs from before their compression). Unlike the references,
 samples go through in batches. Parts run in forward order (vision tower, projector, language model); a
 target linear outside a part's block list (a projector, lm_head) is pruned one-shot from one capture.
 Written by hand: none of vlmsafe's dependencies prunes with calibration, and the references are scripts
-for text LLMs, not libraries.
+for text LLMs, not libraries. "Prune" below means any in-place compression of a block's linears.
 """
 
 from __future__ import annotations
@@ -71,6 +73,25 @@ class Hessian:
 
     def value(self) -> torch.Tensor:
         return self.total * (2 / max(self.count, 1))
+
+
+def shared_input_groups(
+    linears: dict[str, nn.Linear], stats: dict[str, Any]
+) -> Iterator[tuple[list[nn.Linear], Any]]:
+    """The linears grouped by the statistic they share (q/k/v, gate/up read one input), with it."""
+    by_input: dict[int, list[str]] = {}
+    for name in linears:
+        by_input.setdefault(id(stats[name]), []).append(name)
+    for names in by_input.values():
+        yield [linears[name] for name in names], stats[names[0]]
+
+
+def replace_stacked(group: list[nn.Linear], new_weight: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Stack the weights of linears reading one input (rows of one matrix), transform, and write back."""
+    stacked = torch.cat([linear.weight for linear in group])
+    updated = new_weight(stacked)
+    for linear, rows in zip(group, updated.split([linear.out_features for linear in group]), strict=True):
+        linear.weight.copy_(rows.to(linear.weight.dtype))
 
 
 NewStatistic = Callable[[int, torch.device], Statistic]  # (input size, device) -> empty statistic
@@ -258,21 +279,32 @@ def _prune_blocks(
     new_statistic: NewStatistic,
     prune: PruneLinears,
     part: str,
+    propagate_compressed: bool,
 ) -> None:
-    """Block by block: statistics over all batches, prune, then the pruned block's outputs feed the next."""
+    """Block by block: statistics over all batches, prune, then the block's outputs (after pruning when
+    `propagate_compressed`, else before) feed the next."""
     hidden, calls = capture_block_inputs(model, blocks, batches)
     last = max(index for index, group in enumerate(groups) if group)
     for index in track(range(last + 1), description=f"pruning {part} blocks"):
         block = blocks[index]
+        advanced = False
         if groups[index]:
             recorder = _Recorder(groups[index], new_statistic)
             with recorder.attached():
                 for batch_index, mask in enumerate(token_masks):
                     recorder.run(partial(calls[batch_index][index], block, hidden[batch_index]), mask)
+            if not propagate_compressed and index < last:  # outputs from before this block is compressed
+                _advance(block, hidden, calls, index)
+                advanced = True
             prune(groups[index], recorder.completed_stats())
-        if index < last:  # the pruned block's outputs replace its inputs: one block's activations in memory
-            for batch_index in range(len(batches)):
-                hidden[batch_index] = calls[batch_index][index](block, hidden[batch_index])
+        if index < last and not advanced:  # the outputs replace the inputs: one block's activations in memory
+            _advance(block, hidden, calls, index)
+
+
+def _advance(block: nn.Module, hidden: list[torch.Tensor], calls: list[list[_Call]], index: int) -> None:
+    """Replace each batch's hidden states by block `index`'s outputs, in place."""
+    for batch_index in range(len(hidden)):
+        hidden[batch_index] = calls[batch_index][index](block, hidden[batch_index])
 
 
 def _prune_one_shot(
@@ -298,8 +330,10 @@ def prune_layerwise(
     calibration: DictConfig,
     new_statistic: NewStatistic,
     prune: PruneLinears,
+    propagate_compressed: bool = True,
 ) -> None:
-    """Prune `linears` (qualified name -> module) part by part and block by block with `prune`."""
+    """Prune `linears` (qualified name -> module) part by part and block by block with `prune`; later
+    blocks see the compressed earlier blocks' outputs unless `propagate_compressed` is False."""
     adapter = get_adapter(loaded)
     parts = {part_of(name) for name in linears}
     batches = calibration_batches(loaded, calibration, with_images=needs_images(loaded, parts))
@@ -309,7 +343,17 @@ def prune_layerwise(
         blocks = part_blocks(adapter, part)
         groups = [_members(block, part_linears) for block in blocks]
         if any(groups):
-            _prune_blocks(loaded.model, blocks, groups, batches, token_masks, new_statistic, prune, part)
+            _prune_blocks(
+                loaded.model,
+                blocks,
+                groups,
+                batches,
+                token_masks,
+                new_statistic,
+                prune,
+                part,
+                propagate_compressed,
+            )
         in_blocks = {name for group in groups for name in group}
         rest = {name: linear for name, linear in part_linears.items() if name not in in_blocks}
         if rest:

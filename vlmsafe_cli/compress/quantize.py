@@ -15,22 +15,31 @@ from torch import nn
 
 from vlmsafe_cli.progress import track
 
-# Methods whose result is a dense fake-quantised weight described by compress.bits / compress.group_size
-# (GPTQ and AWQ join this when they land).
-FAKE_QUANT_METHODS = ("rtn",)
+# Methods whose result is a dense fake-quantised weight described by compress.bits / compress.group_size.
+FAKE_QUANT_METHODS = ("rtn", "gptq", "awq")
 SCALE_ZERO_BITS = 32  # one fp16 scale and one fp16 zero point per group
 
 
-def _quantize_groups(groups: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantise-dequantise each row of `groups` (float32) on its own asymmetric 2^bits-level grid."""
+def group_grid(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of the asymmetric 2^bits-level grid over [min(w, 0), max(w, 0)] of each row of `groups`
+    (last dimension = one group), keepdim; an all-zero group gets scale 1, so it stays zero."""
     max_level = 2**bits - 1
     low = groups.amin(dim=-1, keepdim=True).clamp(max=0)
     high = groups.amax(dim=-1, keepdim=True).clamp(min=0)
     scale = (high - low) / max_level
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero group stays zero
-    zero = torch.round(-low / scale)
-    levels = torch.clamp(torch.round(groups / scale) + zero, 0, max_level)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale, torch.round(-low / scale)
+
+
+def on_grid(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantise-dequantise `values` on the grid (scale, zero): round, clamp to [0, 2^bits - 1], rescale."""
+    levels = torch.clamp(torch.round(values / scale) + zero, 0, 2**bits - 1)
     return (levels - zero) * scale
+
+
+def _quantize_groups(groups: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantise-dequantise each row of `groups` (float32) on its own asymmetric 2^bits-level grid."""
+    return on_grid(groups, *group_grid(groups, bits), bits)
 
 
 def quantize_dequantize(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -64,6 +73,23 @@ def bits_per_weight(bits: int, group_size: int, row_length: Optional[int] = None
         return bits + SCALE_ZERO_BITS / group_size
     groups = 1 if group_size == -1 else math.ceil(row_length / group_size)
     return bits + SCALE_ZERO_BITS * groups / row_length
+
+
+# Bits per input column a packed export stores besides the groups' scales and zeros: GPTQ with act-order
+# keeps each column's group index (int32 g_idx); AWQ keeps each column's activation scale (fp16) where no
+# preceding operation absorbs it, which our fake-quant form does not assume.
+COLUMN_BITS = {"gptq_act_order": 32, "awq": 16}
+
+
+def fake_quant_layout(comp) -> tuple[int, int, int]:
+    """(bits, group_size, extra bits per input column) of a fake-quant method's packed export."""
+    if comp.method == "awq":
+        column_bits = COLUMN_BITS["awq"]
+    elif comp.method == "gptq" and comp.act_order:
+        column_bits = COLUMN_BITS["gptq_act_order"]
+    else:
+        column_bits = 0
+    return comp.bits, comp.group_size, column_bits
 
 
 @torch.no_grad()

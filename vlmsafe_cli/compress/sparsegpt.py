@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Optional
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from vlmsafe_cli.compress.layerwise import Hessian, prune_layerwise
+from vlmsafe_cli.compress.layerwise import Hessian, prune_layerwise, replace_stacked, shared_input_groups
 from vlmsafe_cli.compress.masks import kept_mask
 from vlmsafe_cli.config import parse_pattern
 from vlmsafe_cli.models import LoadedModel
@@ -38,7 +39,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float = DAMPENING) 
 
 
 @contextmanager
-def _column_loop_threads(transposed: torch.Tensor) -> Iterator[None]:
+def column_loop_threads(transposed: torch.Tensor) -> Iterator[None]:
     """One CPU thread for the column loop when a column is small (<= SMALL_COLUMN weights): handing such
     small operations to several threads costs more than it saves, and stalls on a shared CPU."""
     threads = torch.get_num_threads()
@@ -72,7 +73,7 @@ def sparsegpt_weight(
     factor = inverse_hessian_factor(hessian)
     if n_m is not None:  # keep N:M groups inside a block
         block_size = max(n_m[1], block_size // n_m[1] * n_m[1])
-    with _column_loop_threads(transposed):
+    with column_loop_threads(transposed):
         for start in range(0, transposed.shape[0], block_size):
             end = min(start + block_size, transposed.shape[0])
             block = transposed[start:end]  # a view: updated in place
@@ -106,15 +107,8 @@ def sparsegpt_prune(loaded: LoadedModel, linears: dict[str, nn.Linear], comp: Di
     n_m = parse_pattern(comp.pattern)
 
     def prune(block_linears: dict[str, nn.Linear], stats: dict[str, Hessian]) -> None:
-        by_input: dict[int, list[str]] = {}
-        for name in block_linears:
-            by_input.setdefault(id(stats[name]), []).append(name)
-        for names in by_input.values():
-            group = [block_linears[name] for name in names]
-            stacked = torch.cat([linear.weight for linear in group])
-            pruned = sparsegpt_weight(stacked, stats[names[0]].value(), comp.sparsity, n_m)
-            sizes = [linear.out_features for linear in group]
-            for linear, rows in zip(group, pruned.split(sizes), strict=True):
-                linear.weight.copy_(rows.to(linear.weight.dtype))
+        for group, hessian in shared_input_groups(block_linears, stats):
+            prune_rows = partial(sparsegpt_weight, hessian=hessian.value(), sparsity=comp.sparsity, n_m=n_m)
+            replace_stacked(group, prune_rows)
 
     prune_layerwise(loaded, linears, comp.calibration, Hessian, prune)

@@ -14,7 +14,8 @@ from torch import nn
 from vlmsafe_cli.compress.bnb import dequantized_weight, is_bnb_linear, weight_count, weight_storage_bits
 from vlmsafe_cli.compress.quantize import bits_per_weight
 
-FakeQuant = Optional[tuple[int, int]]  # (bits, group_size) of fake-quantised target weights, or None
+# (bits, group_size, extra bits per input column) of fake-quantised target weights, or None
+FakeQuant = Optional[tuple[int, int, int]]
 
 
 def dense_weight(linear: nn.Module) -> torch.Tensor:
@@ -23,12 +24,14 @@ def dense_weight(linear: nn.Module) -> torch.Tensor:
 
 
 def linear_facts(linear: nn.Module, fake_quant: FakeQuant = None) -> tuple[int, float]:
-    """(weight count, storage bits) of a linear's weight; `fake_quant` counts it as packed RTN."""
+    """(weight count, storage bits) of a linear's weight; `fake_quant` counts it as packed (see FakeQuant)."""
     if is_bnb_linear(linear):
         return weight_count(linear), float(weight_storage_bits(linear))
     count = linear.weight.numel()
     if fake_quant is not None:
-        return count, count * bits_per_weight(*fake_quant, row_length=linear.weight.shape[1])
+        bits, group_size, column_bits = fake_quant
+        columns = linear.weight.shape[1]
+        return count, count * bits_per_weight(bits, group_size, row_length=columns) + column_bits * columns
     return count, float(count * linear.weight.element_size() * 8)
 
 
