@@ -2,9 +2,11 @@
 
 Usage: python benchmarks/bench_compress.py [--model smollm2] [--device cpu|cuda] [--n-samples 64]
        [--seq-len 256]
-Prints one line per method: seconds, ratio to the forward pass, peak RSS (CPU) or peak GPU memory.
-The forward pass runs on seeded random token ids; Wanda and SparseGPT calibrate on as many corpus windows
-of the same length, in batches of the same size (their timing does not depend on the text).
+Prints one line per method: seconds, ratio to the forward pass, peak RSS (CPU) or peak GPU memory, and the
+memory a job's model and the method take beside the target (2.5x the fp32 model + calibration activations).
+The forward pass runs on seeded random token ids; the calibrated methods (Wanda, SparseGPT, GPTQ, AWQ)
+calibrate on as many corpus windows of the same length, in batches of the same size (their timing does not
+depend on the text). `--methods a,b` runs a subset.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ METHODS = {
     "magnitude50": {"method": "magnitude", "sparsity": 0.5},
     "wanda50": {"method": "wanda", "sparsity": 0.5},
     "sparsegpt50": {"method": "sparsegpt", "sparsity": 0.5},
+    "gptq4": {"method": "gptq", "bits": 4, "group_size": 128},
+    "awq4": {"method": "awq", "bits": 4, "group_size": 128},
 }
 
 
@@ -37,6 +41,7 @@ def main() -> None:
     parser.add_argument("--n-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE)  # the calibration methods' batch
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
     args = parser.parse_args()
     device = resolve_device(args.device)
     source = "smollm2" if args.model == "smollm2" else "tiny"
@@ -65,7 +70,8 @@ def main() -> None:
     forward_seconds = forward_pass()
     print(f"forward pass (decoder): {forward_seconds:.2f}s")
     base_rss = psutil.Process().memory_info().rss / 2**20
-    for name, settings in METHODS.items():
+    for name in args.methods.split(","):
+        settings = METHODS[name]
         model = copy.deepcopy(loaded.model)
         copy_loaded = LoadedModel(loaded.name, loaded.family, model, loaded.processor)
         calibration = CalibrationConfig(n_samples=args.n_samples, seq_len=args.seq_len)  # the same tokens
@@ -74,10 +80,13 @@ def main() -> None:
             start = time.perf_counter()
             run_method(copy_loaded, comp)
             seconds = time.perf_counter() - start
+        # what the copy and the method add = a job's one model + the method (the original stays for the next)
+        job_mb = memory.peak_mb - base_rss
         print(
             f"{name}: {seconds:.2f}s = {seconds / forward_seconds:.2f}x forward; "
-            f"peak RSS {memory.peak_mb:.0f} MiB (after load {base_rss:.0f} MiB; the copy and the method "
-            f"add {(memory.peak_mb - base_rss) / model_mb:.2f}x the fp32 model)"
+            f"peak RSS {memory.peak_mb:.0f} MiB (after load {base_rss:.0f}); a job's model + method: "
+            f"{job_mb:.0f} MiB = {job_mb / (model_mb + activations_mb):.2f}x (model + activations), "
+            f"target 2.5x model + activations = {2.5 * model_mb + activations_mb:.0f} MiB"
         )
         del model
 
