@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+from matplotlib import font_manager  # noqa: F401  (builds matplotlib's font cache now, on a fresh machine,
+# not inside a test whose stderr a Hydra run's leftover log handler would fill with its INFO line)
 
 REPO = Path(__file__).resolve().parents[1]
 # One cache for the session (kept between runs under .cache/, git-ignored) so the embedded tokenizer and

@@ -215,6 +215,22 @@ def validate_quantization(comp: DictConfig) -> None:
         )
 
 
+def validate_data(data: DictConfig) -> None:
+    """data=builtin|local; local needs both prompt files, present."""
+    from vlmsafe_cli.data.prompts import DATA_SOURCES
+
+    _choice("data", data.name, DATA_SOURCES)
+    if data.n is not None and data.n < 1:
+        raise UserError(f"data.n={data.n} must be a positive integer")
+    if data.name == "local":
+        for key in ("harmful", "harmless"):
+            path = data[key]
+            if not path:
+                raise UserError(f"data=local needs data.{key}=PATH (a JSON, JSONL or CSV prompt file)")
+            if not Path(str(path)).expanduser().is_file():
+                raise UserError(f"data.{key}={path!r} does not exist or is not a file")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check values and ranges that types alone cannot; raise UserError naming the key."""
     _choice("device", cfg.device, DEVICES)
@@ -251,12 +267,11 @@ def validate(cfg: DictConfig) -> None:
     for key in ("n_samples", "seq_len"):
         if calib[key] < 1:
             raise UserError(f"compress.calibration.{key}={calib[key]} must be a positive integer")
-    if cfg.data.n is not None and cfg.data.n < 1:
-        raise UserError(f"data.n={cfg.data.n} must be a positive integer")
+    validate_data(cfg.data)
 
     from vlmsafe_cli.analysis import validate_analyses
 
-    validate_analyses(cfg.analysis)
+    validate_analyses(cfg)
 
 
 def hashed_config(cfg: DictConfig) -> dict:

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vlmsafe_cli import __version__, cache
-from vlmsafe_cli.analysis import entry_function
+from vlmsafe_cli.analysis import entry_function, merged_settings
 from vlmsafe_cli.compress import (
     bits_by_part,
     compress_model,
@@ -225,7 +225,7 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides: list[str], invocation: st
                     export_checkpoint(loaded, workspace.artifacts / "compressed")
             for name, settings in cfg.analysis.items():
                 with stage(f"analysis:{name}"):
-                    rows += entry_function(name)(workspace, settings)
+                    rows += entry_function(name)(workspace, merged_settings(name, settings))
             with stage("write"):
                 provenance = {
                     "model": cfg.model.name,

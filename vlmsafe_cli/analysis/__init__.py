@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -24,21 +24,43 @@ class AnalysisSpec:
     schema: type  # dataclass of its settings (the YAML under conf/analysis/<name>.yaml)
     entry: str  # "module:function" taking (workspace, settings) and returning a list of row dicts
     headline: tuple[str, ...] = ()  # metrics the report tabulates first
+    check: Optional[Callable[[Any, Any], None]] = None  # (settings, job config) value checks -> UserError
 
 
-ANALYSES: dict[str, AnalysisSpec] = {}
+def _registry() -> dict[str, AnalysisSpec]:
+    from vlmsafe_cli.analysis import schemas
+
+    return {
+        "refusal_direction": AnalysisSpec(
+            schema=schemas.RefusalDirectionSettings,
+            entry="vlmsafe_cli.analysis.refusal_direction:run",
+            headline=("refusal_rate", "refusal_rate_ablated", "induced_refusal_rate", "cos_selected"),
+            check=schemas.check_refusal_direction,
+        ),
+    }
 
 
-def validate_analyses(section: Any) -> None:
-    """Check each selected analysis is known and its settings fit its schema."""
-    for name, settings in (section or {}).items():
+ANALYSES: dict[str, AnalysisSpec] = _registry()
+
+
+def validate_analyses(cfg: Any) -> None:
+    """Check each selected analysis is known, its settings fit its schema and its value checks pass."""
+    for name, settings in (cfg.analysis or {}).items():
         if name not in ANALYSES:
             valid = ", ".join(sorted(ANALYSES)) or "none (no analysis is implemented yet)"
             raise UserError(f"analysis {name!r} is not implemented; choose from: {valid}")
+        spec = ANALYSES[name]
         try:
-            OmegaConf.merge(OmegaConf.structured(ANALYSES[name].schema), settings)
+            merged = merged_settings(name, settings)
         except OmegaConfBaseException as err:
             raise UserError(f"analysis.{name}: {str(err).splitlines()[0]}") from None
+        if spec.check is not None:
+            spec.check(merged, cfg)
+
+
+def merged_settings(name: str, settings: Any) -> Any:
+    """The analysis' settings over its schema's defaults (typed)."""
+    return OmegaConf.merge(OmegaConf.structured(ANALYSES[name].schema), settings)
 
 
 def entry_function(name: str) -> Callable[..., list[dict]]:

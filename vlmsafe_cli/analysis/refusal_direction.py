@@ -1,0 +1,377 @@
+"""`analysis=refusal_direction`: the refusal direction (Arditi et al. 2024) of the base and the compressed
+model, how it moved, and how well each one works inside each model.
+
+Candidates: harmful-minus-harmless mean residual at every decoder layer input and every post-instruction
+position, from one batched capture per class (train split). Selection (Arditi et al.'s defaults): a
+candidate is kept when its layer is below `max_layer_fraction` of depth, adding it at its layer induces
+refusal on harmless prompts (mean refusal score > `induce_threshold`) and ablating it keeps the KL of the
+next-token distribution on harmless prompts below `kl_threshold`; the kept one with the lowest mean
+refusal score under ablation on harmful prompts wins (val split). Candidates are scored by that ablation
+score first and the filters checked in ascending order, which picks the same candidate as scoring every
+filter for every candidate at a fraction of the cost. Refusal score = log-odds of the refusal tokens at
+the first generated position. The reported rates come from greedy generation judged by the project's
+judge on a test split disjoint from both, with Wilson intervals.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, ContextManager, Optional
+
+import torch
+from omegaconf import DictConfig
+from safetensors.torch import save_file
+
+from vlmsafe_cli.data.prompts import load_prompt_sets, split
+from vlmsafe_cli.errors import UserError
+from vlmsafe_cli.interventions import ablated, added, unit
+from vlmsafe_cli.judge import judge
+from vlmsafe_cli.models.adapter import ModelAdapter, get_adapter
+from vlmsafe_cli.progress import track
+from vlmsafe_cli.results import row
+from vlmsafe_cli.stats import bootstrap_ci, proportion_ci
+
+log = logging.getLogger("vlmsafe.refusal_direction")
+ANALYSIS = "refusal_direction"
+REFUSED = ("genuine_refusal", "refusal_then_comply", "over_refusal")
+
+
+# -- prompts --------------------------------------------------------------------------------------------
+@dataclass
+class Prompts:
+    """Instructions, with one image each on VLM runs that ask for images."""
+
+    texts: list[str]
+    images: Optional[list] = None
+
+    def batches(self, adapter: ModelAdapter, batch_size: int) -> Iterator[Any]:
+        for start in range(0, len(self.texts), batch_size):
+            images = None if self.images is None else self.images[start : start + batch_size]
+            yield adapter.encode(self.texts[start : start + batch_size], images=images)
+
+
+def _with_images(adapter: ModelAdapter, texts: list[str], seed: int) -> Prompts:
+    from vlmsafe_cli.compress.calibration import image_side, synthetic_scene
+
+    side = image_side(adapter.processor.image_processor)
+    rng = random.Random(seed)
+    return Prompts(texts, [synthetic_scene(side, rng)[0] for _ in texts])
+
+
+def prompt_splits(cfg: DictConfig, settings: DictConfig, adapter: ModelAdapter) -> dict[str, Prompts]:
+    """harmful_/harmless_ train, val and test splits, disjoint, seeded by data.seed."""
+    harmful, harmless = load_prompt_sets(cfg.data)
+    sizes = {"train": settings.n_train, "val": settings.n_val, "test": settings.n_test}
+    out = {}
+    for kind, prompts in (("harmful", harmful), ("harmless", harmless)):
+        for name, texts in split(prompts, sizes, cfg.data.seed, kind).items():
+            make = _with_images if settings.with_image else None
+            out[f"{kind}_{name}"] = make(adapter, texts, cfg.seed) if make else Prompts(texts)
+    return out
+
+
+# -- measurements ---------------------------------------------------------------------------------------
+def refusal_token_ids(adapter: ModelAdapter, tokens: list[str]) -> list[int]:
+    """The first token id of each refusal token string (deduplicated)."""
+    ids = []
+    for token in tokens:
+        encoded = adapter.tokenizer.encode(token, add_special_tokens=False)
+        if encoded and encoded[0] not in ids:
+            ids.append(encoded[0])
+    return ids
+
+
+@torch.no_grad()
+def next_token_logprobs(adapter: ModelAdapter, prompts: Prompts, batch_size: int) -> torch.Tensor:
+    """(n, vocab) float32 log-probabilities of the first generated token."""
+    parts = [
+        torch.log_softmax(adapter.logits_next(batch).float(), dim=-1).cpu()
+        for batch in prompts.batches(adapter, batch_size)
+    ]
+    return torch.cat(parts)
+
+
+def refusal_scores(logprobs: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor:
+    """log p(refusal) - log(1 - p(refusal)) per prompt, p = total probability of the refusal tokens."""
+    refusal = torch.logsumexp(logprobs[:, refusal_ids], dim=-1)
+    return refusal - torch.log1p(-refusal.exp().clamp(max=1 - 1e-7))
+
+
+def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(reference || other) per prompt, from log-probabilities."""
+    return (reference.exp() * (reference - other)).sum(-1)
+
+
+@torch.no_grad()
+def candidate_directions(
+    adapter: ModelAdapter, harmful: Prompts, harmless: Prompts, positions: list[int], batch_size: int
+) -> torch.Tensor:
+    """(n_layers, len(positions), d_model) float32: mean residual on harmful minus on harmless prompts,
+    entering each decoder layer, at each post-instruction position (negative indices)."""
+    layers = list(range(adapter.n_layers))
+
+    def mean(prompts: Prompts) -> torch.Tensor:
+        total = torch.zeros(len(layers), len(positions), adapter.d_model)
+        for batch in prompts.batches(adapter, batch_size):
+            total += adapter.residual_stream(batch, layers=layers, positions=positions).float().sum(1).cpu()
+        return total / len(prompts.texts)
+
+    return mean(harmful) - mean(harmless)
+
+
+@dataclass
+class Selection:
+    layer: int
+    pos: int  # negative index from the end of the prompt
+    direction: torch.Tensor  # the raw mean difference (its norm is what addition adds)
+    passed_filters: bool
+    ablation_score: float
+    steering_score: float
+    kl: float
+    evaluated: int  # candidates whose filters were checked
+
+
+@torch.no_grad()
+def select_direction(
+    adapter: ModelAdapter,
+    mean_diffs: torch.Tensor,
+    positions: list[int],
+    splits: dict[str, Prompts],
+    refusal_ids: list[int],
+    settings: DictConfig,
+) -> Selection:
+    """Arditi et al.'s selection on the val split (see the module docstring)."""
+    batch_size = settings.batch_size
+    max_layer = settings.max_layer_fraction * adapter.n_layers
+    candidates = [
+        (layer, index)
+        for layer in range(adapter.n_layers)
+        if layer < max_layer
+        for index in range(len(positions))
+        if mean_diffs[layer, index].norm() > 0
+    ]
+    if not candidates:
+        raise UserError(f"no candidate direction below layer {max_layer:.0f}: raise max_layer_fraction")
+    harmless_plain = next_token_logprobs(adapter, splits["harmless_val"], batch_size)
+    ablation_scores = {}
+    for layer, index in track(candidates, description="refusal direction: ablation scores"):
+        with ablated(adapter, mean_diffs[layer, index]):
+            logprobs = next_token_logprobs(adapter, splits["harmful_val"], batch_size)
+        ablation_scores[(layer, index)] = refusal_scores(logprobs, refusal_ids).mean().item()
+    ranked = sorted(candidates, key=lambda candidate: ablation_scores[candidate])
+    for evaluated, (layer, index) in enumerate(ranked, start=1):
+        direction = mean_diffs[layer, index]
+        with ablated(adapter, direction):
+            kl = kl_divergence(
+                harmless_plain, next_token_logprobs(adapter, splits["harmless_val"], batch_size)
+            )
+        kl_mean = kl.mean().item()
+        if kl_mean >= settings.kl_threshold:
+            continue
+        with added(adapter, direction, layer):
+            steered = next_token_logprobs(adapter, splits["harmless_val"], batch_size)
+        steering = refusal_scores(steered, refusal_ids).mean().item()
+        if steering > settings.induce_threshold:
+            return Selection(
+                layer,
+                positions[index],
+                direction,
+                True,
+                ablation_scores[(layer, index)],
+                steering,
+                kl_mean,
+                evaluated,
+            )
+    layer, index = ranked[0]  # nothing passed: report the best bypass, flagged
+    log.warning("no candidate passed the KL and induce filters: using the lowest ablation score, flagged")
+    return Selection(
+        layer,
+        positions[index],
+        mean_diffs[layer, index],
+        False,
+        ablation_scores[ranked[0]],
+        float("nan"),
+        float("nan"),
+        len(ranked),
+    )
+
+
+@torch.no_grad()
+def judged(
+    adapter: ModelAdapter, prompts: Prompts, harmful: bool, settings: DictConfig, intervention: ContextManager
+) -> list[str]:
+    """Greedy completions judged by the rule judge, under `intervention`; completions are not kept."""
+    labels = []
+    with intervention:
+        for batch in prompts.batches(adapter, settings.batch_size):
+            for text in adapter.generate(batch, max_new_tokens=settings.max_new_tokens):
+                labels.append(judge(text, harmful=harmful))
+    return labels
+
+
+def rate_row(variant: str, metric: str, labels: list[str], **optional: Any) -> dict:
+    rate, low, high = proportion_ci([label in REFUSED for label in labels])
+    return row(
+        ANALYSIS, variant, metric, rate, ci_low=low, ci_high=high, n=len(labels), split="test", **optional
+    )
+
+
+# -- the analysis ---------------------------------------------------------------------------------------
+@dataclass
+class Extracted:
+    """One model's candidates and selected direction."""
+
+    mean_diffs: torch.Tensor  # (n_layers, n_positions, d_model)
+    positions: list[int]
+    selection: Selection
+
+    def save(self, path, model_name: str) -> None:
+        tensors = {"direction": unit(self.selection.direction).contiguous(), "mean_diffs": self.mean_diffs}
+        metadata = {
+            "layer": str(self.selection.layer),
+            "pos": str(self.selection.pos),
+            "positions": ",".join(str(p) for p in self.positions),
+            "passed_filters": str(self.selection.passed_filters).lower(),
+            "model": model_name,
+            "layer_means": "the residual entering decoder layer `layer` (HF hidden_states[layer])",
+        }
+        save_file(tensors, str(path), metadata=metadata)
+
+
+def extract(
+    adapter: ModelAdapter, splits: dict[str, Prompts], refusal_ids: list[int], settings: DictConfig
+) -> Extracted:
+    positions = adapter.post_instruction_positions()
+    mean_diffs = candidate_directions(
+        adapter, splits["harmful_train"], splits["harmless_train"], positions, settings.batch_size
+    )
+    selection = select_direction(adapter, mean_diffs, positions, splits, refusal_ids, settings)
+    log.info(
+        "selected layer %d pos %d (filters passed: %s; %d candidates checked)",
+        selection.layer,
+        selection.pos,
+        selection.passed_filters,
+        selection.evaluated,
+    )
+    return Extracted(mean_diffs, positions, selection)
+
+
+def selection_rows(variant: str, extracted: Extracted) -> list[dict]:
+    chosen = extracted.selection
+    rows = [
+        row(ANALYSIS, variant, "source_layer", chosen.layer),
+        row(ANALYSIS, variant, "source_pos", chosen.pos),
+        row(ANALYSIS, variant, "selection_passed_filters", float(chosen.passed_filters)),
+        row(ANALYSIS, variant, "direction_norm", chosen.direction.norm().item(), layer=chosen.layer),
+        row(ANALYSIS, variant, "ablation_refusal_score", chosen.ablation_score, split="val"),
+    ]
+    if chosen.passed_filters:
+        rows += [
+            row(ANALYSIS, variant, "steering_refusal_score", chosen.steering_score, split="val"),
+            row(ANALYSIS, variant, "kl_harmless", chosen.kl, split="val"),
+        ]
+    return rows
+
+
+def quality_rows(
+    variant: str,
+    adapter: ModelAdapter,
+    source: str,
+    chosen: Selection,
+    splits: dict[str, Prompts],
+    settings: DictConfig,
+) -> list[dict]:
+    """Refusal under ablation, induced refusal under addition (each coefficient) and the KL ablation costs
+    on harmless prompts, for one direction inside one model (test split)."""
+    group = f"{source}_direction"
+    labels = judged(adapter, splits["harmful_test"], True, settings, ablated(adapter, chosen.direction))
+    rows = [rate_row(variant, "refusal_rate_ablated", labels, group=group)]
+    for coefficient in settings.coefficients:
+        steer = added(adapter, chosen.direction, chosen.layer, coefficient)
+        labels = judged(adapter, splits["harmless_test"], False, settings, steer)
+        rows.append(
+            rate_row(
+                variant, "induced_refusal_rate", labels, group=f"{group} x{coefficient:g}", layer=chosen.layer
+            )
+        )
+    plain = next_token_logprobs(adapter, splits["harmless_test"], settings.batch_size)
+    with ablated(adapter, chosen.direction):
+        kl = kl_divergence(plain, next_token_logprobs(adapter, splits["harmless_test"], settings.batch_size))
+    value, low, high = bootstrap_ci(kl.tolist())
+    rows.append(
+        row(
+            ANALYSIS,
+            variant,
+            "kl_harmless",
+            value,
+            ci_low=low,
+            ci_high=high,
+            n=len(kl),
+            split="test",
+            group=group,
+        )
+    )
+    return rows
+
+
+def plain_rows(
+    variant: str, adapter: ModelAdapter, splits: dict[str, Prompts], settings: DictConfig
+) -> list[dict]:
+    harmful = judged(adapter, splits["harmful_test"], True, settings, nullcontext())
+    harmless = judged(adapter, splits["harmless_test"], False, settings, nullcontext())
+    return [
+        rate_row(variant, "refusal_rate", harmful),
+        rate_row(variant, "over_refusal_rate", harmless),
+    ]
+
+
+def comparison_rows(base: Extracted, compressed: Extracted) -> list[dict]:
+    """How the direction moved: cosine of the selected directions, the per-layer cosine of the candidates
+    at the base's selected position, and the source shift."""
+    rows = [
+        row(
+            ANALYSIS,
+            "comparison",
+            "cos_selected",
+            torch.cosine_similarity(base.selection.direction, compressed.selection.direction, dim=0).item(),
+        ),
+        row(ANALYSIS, "comparison", "source_layer_shift", compressed.selection.layer - base.selection.layer),
+        row(ANALYSIS, "comparison", "source_pos_shift", compressed.selection.pos - base.selection.pos),
+    ]
+    index = base.positions.index(base.selection.pos)
+    base_layers, compressed_layers = base.mean_diffs[:, index], compressed.mean_diffs[:, index]
+    cosines = torch.cosine_similarity(base_layers, compressed_layers, dim=-1)
+    defined = (base_layers.norm(dim=-1) > 0) & (compressed_layers.norm(dim=-1) > 0)  # layer 0: often zero
+    for layer in torch.nonzero(defined).flatten().tolist():
+        rows.append(row(ANALYSIS, "comparison", "cos_layer", cosines[layer].item(), layer=layer))
+    return rows
+
+
+def run(workspace, settings: DictConfig) -> list[dict]:
+    """Extract, select and evaluate the refusal direction of the base (and the compressed) model."""
+    cfg = workspace.cfg
+    models = {"base": get_adapter(workspace.base())}
+    if cfg.compress.method != "none":
+        models["compressed"] = get_adapter(workspace.compressed)
+    job_adapter = models.get("compressed", models["base"])
+    splits = prompt_splits(cfg, settings, job_adapter)
+    refusal_ids = refusal_token_ids(job_adapter, list(settings.refusal_tokens))
+    extracted = {
+        variant: extract(adapter, splits, refusal_ids, settings) for variant, adapter in models.items()
+    }
+    rows = []
+    for variant, adapter in models.items():
+        rows += plain_rows(variant, adapter, splits, settings)
+        rows += selection_rows(variant, extracted[variant])
+        for source, other in extracted.items():
+            rows += quality_rows(variant, adapter, source, other.selection, splits, settings)
+    job_variant = "compressed" if "compressed" in models else "base"
+    extracted[job_variant].save(workspace.artifacts / "refusal_direction.safetensors", cfg.model.name)
+    if "compressed" in models:
+        extracted["base"].save(workspace.artifacts / "refusal_direction_base.safetensors", cfg.model.name)
+        rows += comparison_rows(extracted["base"], extracted["compressed"])
+    return rows

@@ -1,0 +1,87 @@
+"""Harmful and harmless prompt lists for the analyses, from the project's own sets or local files (`data=`).
+
+`data=builtin`: the project's authored alignment set (vlmsafe_cli/data/alignment). The refusal organism
+was trained on it, so rates measured on it for smollm2-aligned are not held out from its training; use
+`data=local` with held-out files (or the project's benchmark) for that. `data=local`: `data.harmful=PATH`
+and `data.harmless=PATH`, each a JSON list of objects with an `instruction` field (optional `category`),
+or JSONL / CSV with a `prompt`, `instruction` or `goal` column; `data.n=` keeps a seeded sample of each.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from vlmsafe_cli.errors import UserError
+
+TEXT_FIELDS = ("instruction", "prompt", "goal")
+DATA_SOURCES = ("builtin", "local")
+
+
+def _text_of(record: dict, path: Path) -> str:
+    for field in TEXT_FIELDS:
+        if isinstance(record.get(field), str) and record[field].strip():
+            return record[field].strip()
+    raise UserError(f"{path}: a record has none of the fields {', '.join(TEXT_FIELDS)}: {str(record)[:80]}")
+
+
+def read_prompt_file(path_text: str) -> list[str]:
+    """Prompts from a JSON list, a JSONL file or a CSV with a prompt/instruction/goal column."""
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise UserError(f"prompt file {path_text!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".csv":
+            records = list(csv.DictReader(text.splitlines()))
+        elif path.suffix.lower() == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except (json.JSONDecodeError, csv.Error) as err:
+        raise UserError(f"{path_text}: not valid {path.suffix.lstrip('.') or 'JSON'} ({err})") from None
+    if not isinstance(records, list) or not records:
+        raise UserError(f"{path_text}: expected a non-empty list of records")
+    return [_text_of(record if isinstance(record, dict) else {}, path) for record in records]
+
+
+def _sample(prompts: list[str], n: Optional[int], seed: int) -> list[str]:
+    return prompts if n is None or n >= len(prompts) else random.Random(seed).sample(prompts, n)
+
+
+def load_prompt_sets(data: DictConfig) -> tuple[list[str], list[str]]:
+    """(harmful, harmless) instructions of the configured data source."""
+    if data.name == "builtin":
+        from vlmsafe_cli.data import load_alignment_set
+
+        harmful_records, harmless_records, _ = load_alignment_set()
+        harmful = [record["instruction"] for record in harmful_records]
+        harmless = [record["instruction"] for record in harmless_records]
+    elif data.name == "local":
+        if not data.harmful or not data.harmless:
+            raise UserError("data=local needs data.harmful=PATH and data.harmless=PATH")
+        harmful, harmless = read_prompt_file(data.harmful), read_prompt_file(data.harmless)
+    else:
+        raise UserError(f"data={data.name!r} is not valid; choose one of: {', '.join(DATA_SOURCES)}")
+    return _sample(harmful, data.n, data.seed), _sample(harmless, data.n, data.seed)
+
+
+def split(prompts: list[str], sizes: dict[str, int], seed: int, kind: str) -> dict[str, list[str]]:
+    """Disjoint seeded splits of `prompts` with the given sizes (e.g. train/val/test)."""
+    needed = sum(sizes.values())
+    if needed > len(prompts):
+        wanted = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        raise UserError(
+            f"{kind} prompts: {len(prompts)} available, {needed} needed ({wanted}); "
+            "lower the split sizes or give a larger data set"
+        )
+    shuffled = random.Random(seed).sample(prompts, len(prompts))
+    out, start = {}, 0
+    for name, size in sizes.items():
+        out[name], start = shuffled[start : start + size], start + size
+    return out
