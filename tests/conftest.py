@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
-from matplotlib import font_manager  # noqa: F401  (builds matplotlib's font cache now, on a fresh machine,
-# not inside a test whose stderr a Hydra run's leftover log handler would fill with its INFO line)
+
+# Build matplotlib's font cache now (a fresh machine has none), not inside a test whose stderr a Hydra run's
+# leftover log handler would fill with matplotlib's INFO line about it.
+from matplotlib import font_manager  # noqa: F401, E402
 
 REPO = Path(__file__).resolve().parents[1]
 # One cache for the session (kept between runs under .cache/, git-ignored) so the embedded tokenizer and
