@@ -266,7 +266,7 @@ def selection_rows(variant: str, extracted: Extracted) -> list[dict]:
         row(ANALYSIS, variant, "source_layer", chosen.layer),
         row(ANALYSIS, variant, "source_pos", chosen.pos),
         row(ANALYSIS, variant, "selection_passed_filters", float(chosen.passed_filters)),
-        row(ANALYSIS, variant, "direction_norm", chosen.direction.norm().item(), layer=chosen.layer),
+        row(ANALYSIS, variant, "direction_norm", chosen.direction.norm().item()),
         row(ANALYSIS, variant, "ablation_refusal_score", chosen.ablation_score, split="val"),
     ]
     if chosen.passed_filters:
