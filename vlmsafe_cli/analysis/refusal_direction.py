@@ -293,11 +293,7 @@ def quality_rows(
     for coefficient in settings.coefficients:
         steer = added(adapter, chosen.direction, chosen.layer, coefficient)
         labels = judged(adapter, splits["harmless_test"], False, settings, steer)
-        rows.append(
-            rate_row(
-                variant, "induced_refusal_rate", labels, group=f"{group} x{coefficient:g}", layer=chosen.layer
-            )
-        )
+        rows.append(rate_row(variant, "induced_refusal_rate", labels, group=f"{group} x{coefficient:g}"))
     plain = next_token_logprobs(adapter, splits["harmless_test"], settings.batch_size)
     with ablated(adapter, chosen.direction):
         kl = kl_divergence(plain, next_token_logprobs(adapter, splits["harmless_test"], settings.batch_size))
