@@ -95,6 +95,7 @@ class Workspace:
     device: torch.device
     compressed: LoadedModel
     _base: Optional[LoadedModel] = field(default=None, repr=False)
+    memo: dict = field(default_factory=dict, repr=False)  # results analyses of one job share (by key)
 
     @property
     def artifacts(self) -> Path:

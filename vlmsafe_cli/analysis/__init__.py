@@ -37,6 +37,12 @@ def _registry() -> dict[str, AnalysisSpec]:
             headline=("refusal_rate", "refusal_rate_ablated", "induced_refusal_rate", "cos_selected"),
             check=schemas.check_refusal_direction,
         ),
+        "aird": AnalysisSpec(
+            schema=schemas.AirdSettings,
+            entry="vlmsafe_cli.analysis.aird:run",
+            headline=("refusal_rate", "asr", "over_refusal_rate", "ppl", "aird_layer"),
+            check=schemas.check_aird,
+        ),
     }
 
 

@@ -4,7 +4,7 @@ express; kept free of torch so that validation runs before any model loads."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import Any, List
 
 from omegaconf import DictConfig
 
@@ -29,22 +29,17 @@ class RefusalDirectionSettings:
 
 
 def check_refusal_direction(settings: DictConfig, cfg: DictConfig) -> None:
+    name = "aird" if "method" in settings else "refusal_direction"  # aird shares these settings
     for key in ("n_train", "n_val", "n_test", "max_new_tokens", "batch_size"):
         if settings[key] < 1:
-            raise UserError(f"analysis.refusal_direction.{key}={settings[key]} must be a positive integer")
+            raise UserError(f"analysis.{name}.{key}={settings[key]} must be a positive integer")
     if not 0 < settings.max_layer_fraction <= 1:
-        raise UserError(
-            f"analysis.refusal_direction.max_layer_fraction={settings.max_layer_fraction}: use (0, 1]"
-        )
+        raise UserError(f"analysis.{name}.max_layer_fraction={settings.max_layer_fraction}: use (0, 1]")
     if not settings.refusal_tokens:
-        raise UserError(
-            "analysis.refusal_direction.refusal_tokens is empty: give at least one token, e.g. [I, As]"
-        )
+        raise UserError(f"analysis.{name}.refusal_tokens is empty: give at least one token, e.g. [I, As]")
     if settings.with_image and cfg.model.family not in VLM_FAMILIES:
-        raise UserError(
-            f"analysis.refusal_direction.with_image=true needs a VLM; {cfg.model.name} is a text model"
-        )
-    _check_split_sizes(cfg.data, settings.n_train + settings.n_val + settings.n_test, "refusal_direction")
+        raise UserError(f"analysis.{name}.with_image=true needs a VLM; {cfg.model.name} is a text model")
+    _check_split_sizes(cfg.data, settings.n_train + settings.n_val + settings.n_test, name)
 
 
 def _check_split_sizes(data: DictConfig, needed: int, analysis: str) -> None:
@@ -57,3 +52,34 @@ def _check_split_sizes(data: DictConfig, needed: int, analysis: str) -> None:
                 f"analysis.{analysis}: {len(prompts)} {kind} prompts in data={data.name}, {needed} needed "
                 "(n_train + n_val + n_test); lower the split sizes or give a larger data set"
             )
+
+
+AIRD_METHODS = ("restore_write", "ridge_readout", "mask_preserving")
+
+
+@dataclass
+class AirdSettings(RefusalDirectionSettings):
+    """The refusal-direction settings (for the base direction and the prompt splits) plus the edit's."""
+
+    method: str = "restore_write"  # restore_write | ridge_readout | mask_preserving
+    layer: Any = "auto"  # auto | scan | a decoder layer index
+    matrix: str = "mlp"  # the residual writer edited: mlp (down_proj) | attn (o_proj)
+    alpha: float = 1.0  # restore_write's step along the base-minus-compressed write
+    ridge: float = 0.01  # ridge_readout's penalty, relative to the mean diagonal of A^T A
+
+
+def check_aird(settings: DictConfig, cfg: DictConfig) -> None:
+    check_refusal_direction(settings, cfg)
+    if cfg.compress.method == "none":
+        raise UserError("analysis=aird repairs a compressed model: set compress= (e.g. compress=wanda50)")
+    if settings.method not in AIRD_METHODS:
+        raise UserError(
+            f"analysis.aird.method={settings.method!r} is not valid; choose one of: {', '.join(AIRD_METHODS)}"
+        )
+    if settings.matrix not in ("mlp", "attn"):
+        raise UserError(f"analysis.aird.matrix={settings.matrix!r} is not valid; choose mlp or attn")
+    layer = settings.layer
+    if layer not in ("auto", "scan") and not (
+        isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0
+    ):
+        raise UserError(f"analysis.aird.layer={layer!r} is not valid; use auto, scan or a layer index >= 0")
