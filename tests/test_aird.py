@@ -131,10 +131,18 @@ def test_aird_runs_every_method_through_the_cli(cli, tmp_path, method):
     assert density == 0.0 if method == "mask_preserving" else density > 0.3  # wanda50 left half the weights
 
 
+def test_aird_on_an_uncompressed_model_records_nothing(cli, tmp_path):
+    job = tmp_path / "job"
+    code, _, err = cli(
+        "run", "model=tiny-llama", "analysis=aird", "compress.ppl_samples=0", f"hydra.run.dir={job}"
+    )
+    assert code == 0, err
+    assert "aird" not in set(pd.read_parquet(job / "results.parquet").analysis)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (("compress=none",), "repairs a compressed model"),
         (("compress=wanda50", "analysis.aird.method=magic"), "analysis.aird.method='magic' is not valid"),
         (("compress=wanda50", "analysis.aird.layer=middle"), "analysis.aird.layer='middle' is not valid"),
         (("compress=wanda50", "analysis.aird.matrix=qkv"), "choose mlp or attn"),

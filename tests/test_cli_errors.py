@@ -149,3 +149,7 @@ def test_console_script_exit_code_and_debug_traceback(tmp_path):
         args, capture_output=True, text=True, env={**__import__("os").environ, "VLMSAFE_DEBUG": "1"}
     )
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_multirun_with_cfg_is_one_line(cli):
+    assert_user_error(cli("run", "--cfg", "job", "-m", "model=tiny-llama"), "one of -m, --cfg")

@@ -67,6 +67,10 @@ def _call_hydra(args: list[str]) -> None:
     sys.argv = ["vlmsafe"] + args
     try:
         entry()
+    except ValueError as err:  # Hydra's own argument checks (e.g. -m together with --cfg)
+        if "can be specified" in str(err):
+            raise UserError(f"{err} (vlmsafe run takes one of -m, --cfg, --info, -sc at a time)") from None
+        raise
     finally:
         sys.argv = saved_argv
 

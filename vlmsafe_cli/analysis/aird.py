@@ -196,6 +196,9 @@ def cos_at_source(
 def run(workspace, settings: DictConfig) -> list[dict]:
     """Edit one layer of the compressed model towards the base refusal direction and measure the change."""
     cfg = workspace.cfg
+    if cfg.compress.method == "none":  # so that a sweep over compress=none,... can list aird for every job
+        log.warning("analysis=aird: compress=none leaves nothing to repair; no aird rows for this job")
+        return []
     base, compressed = get_adapter(workspace.base()), get_adapter(workspace.compressed)
     splits = prompt_splits(cfg, settings, compressed)
     ids = refusal_token_ids(compressed, list(settings.refusal_tokens))

@@ -70,8 +70,6 @@ class AirdSettings(RefusalDirectionSettings):
 
 def check_aird(settings: DictConfig, cfg: DictConfig) -> None:
     check_refusal_direction(settings, cfg)
-    if cfg.compress.method == "none":
-        raise UserError("analysis=aird repairs a compressed model: set compress= (e.g. compress=wanda50)")
     if settings.method not in AIRD_METHODS:
         raise UserError(
             f"analysis.aird.method={settings.method!r} is not valid; choose one of: {', '.join(AIRD_METHODS)}"
