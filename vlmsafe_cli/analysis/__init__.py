@@ -43,6 +43,12 @@ def _registry() -> dict[str, AnalysisSpec]:
             headline=("refusal_rate", "asr", "over_refusal_rate", "ppl", "aird_layer"),
             check=schemas.check_aird,
         ),
+        "utility": AnalysisSpec(
+            schema=schemas.UtilitySettings,
+            entry="vlmsafe_cli.analysis.utility:run",
+            headline=("accuracy", "ppl"),
+            check=schemas.check_utility,
+        ),
     }
 
 

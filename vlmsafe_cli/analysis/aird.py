@@ -42,6 +42,7 @@ from vlmsafe_cli.results import row
 from vlmsafe_cli.stats import proportion_ci
 
 log = logging.getLogger("vlmsafe.aird")
+AIRD_EDIT = "aird_edit"  # workspace.memo key read by the utility analysis
 ANALYSIS = "aird"
 COMPLIED = ("compliance", "refusal_then_comply")  # an attack on a plain harmful request succeeded
 
@@ -251,6 +252,7 @@ def run(workspace, settings: DictConfig) -> list[dict]:
         )
     )
     rows += _renamed(perplexity_rows(workspace.compressed, cfg.compress, "compressed", cfg.seed))
+    workspace.memo[AIRD_EDIT] = (layer, settings.matrix, weight)  # a later `utility` measures the repair
     with edited(compressed, layer, settings.matrix, weight):
         rows += outcome_rows("repaired", compressed, splits, settings)
         rows.append(

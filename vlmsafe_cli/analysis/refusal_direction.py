@@ -69,8 +69,8 @@ def prompt_splits(cfg: DictConfig, settings: DictConfig, adapter: ModelAdapter) 
     out = {}
     for kind, prompts in (("harmful", harmful), ("harmless", harmless)):
         for name, texts in split(prompts, sizes, cfg.data.seed, kind).items():
-            make = _with_images if settings.with_image else None
-            out[f"{kind}_{name}"] = make(adapter, texts, cfg.seed) if make else Prompts(texts)
+            with_images = settings.with_image
+            out[f"{kind}_{name}"] = _with_images(adapter, texts, cfg.seed) if with_images else Prompts(texts)
     return out
 
 

@@ -4,7 +4,8 @@ express; kept free of torch so that validation runs before any model loads."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List
+from pathlib import Path
+from typing import Any, List, Optional
 
 from omegaconf import DictConfig
 
@@ -81,3 +82,26 @@ def check_aird(settings: DictConfig, cfg: DictConfig) -> None:
         isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0
     ):
         raise UserError(f"analysis.aird.layer={layer!r} is not valid; use auto, scan or a layer index >= 0")
+
+
+UTILITY_TASKS = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+
+
+@dataclass
+class UtilitySettings:
+    tasks: List[str] = field(default_factory=lambda: list(UTILITY_TASKS))
+    task_dir: Optional[str] = None  # local lm-eval task YAMLs (offline), searched besides lm-eval's own
+    limit: Optional[int] = None  # documents per task (None = all)
+    num_fewshot: int = 0
+    batch_size: int = 16
+
+
+def check_utility(settings: DictConfig, cfg: DictConfig) -> None:
+    if not settings.tasks:
+        raise UserError("analysis.utility.tasks is empty: name at least one lm-eval task")
+    if settings.task_dir and not Path(str(settings.task_dir)).expanduser().is_dir():
+        raise UserError(f"analysis.utility.task_dir={settings.task_dir!r} is not a directory")
+    if settings.limit is not None and settings.limit < 1:
+        raise UserError(f"analysis.utility.limit={settings.limit} must be a positive integer or null")
+    if settings.num_fewshot < 0 or settings.batch_size < 1:
+        raise UserError("analysis.utility: num_fewshot must be >= 0 and batch_size >= 1")
