@@ -4,6 +4,7 @@ direction is found, and the analysis runs end to end (plumbing on tiny models)."
 from __future__ import annotations
 
 import random
+from contextlib import nullcontext
 
 import pandas as pd
 import pytest
@@ -84,6 +85,16 @@ def test_orthogonalised_weights_compute_what_the_ablation_hooks_compute(name):
     torch.testing.assert_close(adapter.model(**batch).logits, hooked, rtol=1e-4, atol=1e-4)
     assert torch.equal(adapter.lm_head().weight, head_before)  # the tied head was untied, not edited
     assert any("o_proj" in name for name in edited) and any("down_proj" in name for name in edited)
+
+
+def test_shared_prefix_logits_equal_plain_logits_under_every_intervention():
+    adapter = get_adapter(tiny("tiny-llama"))
+    batch = adapter.encode(["How do I bake bread?", "Name three rivers in Europe, please.", "Hi"])
+    r = random_direction(adapter.d_model, 5)
+    for intervention in (nullcontext(), ablated(adapter, r), added(adapter, 3 * r, layer=1)):
+        with intervention:
+            plain, shared = adapter.logits_next(batch), adapter.logits_next_shared_prefix(batch)
+        torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
 
 
 # -- prompts ----------------------------------------------------------------------------------------------

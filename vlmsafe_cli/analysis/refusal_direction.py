@@ -89,7 +89,7 @@ def refusal_token_ids(adapter: ModelAdapter, tokens: list[str]) -> list[int]:
 def next_token_logprobs(adapter: ModelAdapter, prompts: Prompts, batch_size: int) -> torch.Tensor:
     """(n, vocab) float32 log-probabilities of the first generated token."""
     parts = [
-        torch.log_softmax(adapter.logits_next(batch).float(), dim=-1).cpu()
+        torch.log_softmax(adapter.logits_next_shared_prefix(batch).float(), dim=-1).cpu()
         for batch in prompts.batches(adapter, batch_size)
     ]
     return torch.cat(parts)

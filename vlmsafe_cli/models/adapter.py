@@ -314,6 +314,41 @@ class ModelAdapter:
         """(batch, vocab) logits for the next token (left padding puts every prompt's end last)."""
         return self.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1]
 
+    @torch.no_grad()
+    def logits_next_shared_prefix(self, batch: Batch, min_prefix: int = 4) -> torch.Tensor:
+        """`logits_next`, with the token prefix all prompts share (a chat template's system prompt) run
+        once: its KV cache is repeated for every prompt, then the left-padded suffixes run with explicit
+        positions. Equal to `logits_next` up to float rounding, hooks included (they see the prefix and the
+        suffixes in two calls). Text-only batches of llama-like models; anything else takes `logits_next`.
+        """
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if self.loaded.family != "llama" or set(batch) != {"input_ids", "attention_mask"} or len(ids) < 2:
+            return self.logits_next(batch)
+        rows = [row[keep.bool()] for row, keep in zip(ids, mask, strict=True)]
+        shortest = min(len(row) for row in rows)
+        heads = torch.stack([row[:shortest] for row in rows])
+        shared = int((heads == heads[0]).all(0).long().cumprod(0).sum())
+        prefix_len = min(shared, shortest - 1)  # every prompt keeps at least its last token
+        if prefix_len < min_prefix:
+            return self.logits_next(batch)
+        cache = self.model(input_ids=heads[:1, :prefix_len], use_cache=True).past_key_values
+        cache.batch_repeat_interleave(len(rows))
+        width = max(len(row) for row in rows) - prefix_len
+        suffix = torch.full((len(rows), width), self.pad_token_id, dtype=ids.dtype, device=ids.device)
+        suffix_mask = torch.zeros_like(suffix)
+        for index, row in enumerate(rows):
+            suffix[index, width - (len(row) - prefix_len) :] = row[prefix_len:]
+            suffix_mask[index, width - (len(row) - prefix_len) :] = 1
+        output = self.model(
+            input_ids=suffix,
+            attention_mask=torch.cat([torch.ones_like(suffix[:, :1]).expand(-1, prefix_len), suffix_mask], 1),
+            position_ids=prefix_len + (suffix_mask.cumsum(1) - 1).clamp(min=0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return output.logits[:, -1]
+
 
 def get_adapter(loaded: LoadedModel) -> ModelAdapter:
     """The adapter of `loaded.family`: llama (any *ForCausalLM), llava (+NeXT), paligemma, qwen2vl (+2.5)."""
