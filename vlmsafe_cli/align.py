@@ -282,7 +282,11 @@ def card(adapter: Path, evaluation: dict) -> str:
         "  (tests/test_alignment_data.py); never trained on ../shared/data.",
         f"- Recipe (seed included): `vlmsafe align {_flags(recipe)}`.",
         f"- Training took {evaluation['train_seconds']:.0f} s,"
-        f" self-distillation {evaluation['distill_seconds']:.0f} s",
+        + (
+            f" self-distillation {evaluation['distill_seconds']:.0f} s"
+            if evaluation["distill_seconds"] >= 1
+            else " the self-distilled answers came from the cache (an earlier run of the same prompts)"
+        ),
         "  (2-core development CPU, shared with other work).",
         "",
         f"## Measured (greedy, {recipe['eval_max_new_tokens']} new tokens, the project's rule judge)",
