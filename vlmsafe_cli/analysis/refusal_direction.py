@@ -171,10 +171,24 @@ def select_direction(
             )
         kl_mean = kl.mean().item()
         if kl_mean >= settings.kl_threshold:
+            log.info(
+                "candidate layer %d pos %d: KL %.3f >= %g, next",
+                layer,
+                positions[index],
+                kl_mean,
+                settings.kl_threshold,
+            )
             continue
         with added(adapter, direction, layer):
             steered = next_token_logprobs(adapter, splits["harmless_val"], batch_size)
         steering = refusal_scores(steered, refusal_ids).mean().item()
+        log.info(
+            "candidate layer %d pos %d: KL %.3f, steering score %.2f",
+            layer,
+            positions[index],
+            kl_mean,
+            steering,
+        )
         if steering > settings.induce_threshold:
             return Selection(
                 layer,
