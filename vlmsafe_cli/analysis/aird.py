@@ -242,28 +242,21 @@ def run(workspace, settings: DictConfig) -> list[dict]:
         row(ANALYSIS, "repaired", "aird_seconds", seconds),
     ]
     rows += outcome_rows("base", base, splits, settings)
-    rows += outcome_rows("compressed", compressed, splits, settings)
-    rows.append(
-        row(
-            ANALYSIS,
-            "compressed",
-            "cos_at_base_source",
-            cos_at_source(compressed, splits, r, source.layer, source.pos, bs),
-        )
-    )
-    rows += _renamed(perplexity_rows(workspace.compressed, cfg.compress, "compressed", cfg.seed))
+
+    def measured(variant: str) -> list[dict]:
+        """The compressed model as it is now (edited or not): rates, r at the base source, perplexity."""
+        cosine = cos_at_source(compressed, splits, r, source.layer, source.pos, bs)
+        ppl = perplexity_rows(workspace.compressed, cfg.compress, variant, cfg.seed)
+        return [
+            *outcome_rows(variant, compressed, splits, settings),
+            row(ANALYSIS, variant, "cos_at_base_source", cosine),
+            *_renamed(ppl),
+        ]
+
+    rows += measured("compressed")
     workspace.memo[AIRD_EDIT] = (layer, settings.matrix, weight)  # a later `utility` measures the repair
     with edited(compressed, layer, settings.matrix, weight):
-        rows += outcome_rows("repaired", compressed, splits, settings)
-        rows.append(
-            row(
-                ANALYSIS,
-                "repaired",
-                "cos_at_base_source",
-                cos_at_source(compressed, splits, r, source.layer, source.pos, bs),
-            )
-        )
-        rows += _renamed(perplexity_rows(workspace.compressed, cfg.compress, "repaired", cfg.seed))
+        rows += measured("repaired")
     return rows
 
 
