@@ -254,6 +254,10 @@ def test_refusal_direction_on_a_pruned_tiny_model_writes_rows_and_the_artifact(c
         assert direction.norm().item() == pytest.approx(1.0, abs=1e-5)
         assert mean_diffs.shape[0] == 2 and mean_diffs.shape[2] == 64
         assert int(metadata["pos"]) < 0 and 0 <= int(metadata["layer"]) < 2
+        candidates = pd.read_parquet(job / "artifacts" / name.replace(".safetensors", "_candidates.parquet"))
+        assert list(candidates.columns) == ["layer", "pos", "ablation_score", "kl_harmless", "steering_score"]
+        assert len(candidates) >= 1 and candidates.ablation_score.notna().all()
+        assert candidates.kl_harmless.notna().any()  # the filter walk measured at least the best one
 
 
 def test_refusal_direction_with_images_on_a_tiny_vlm(cli, tmp_path):

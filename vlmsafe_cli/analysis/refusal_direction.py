@@ -19,9 +19,10 @@ import logging
 import random
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ContextManager, Optional
 
+import pandas as pd
 import torch
 from omegaconf import DictConfig
 from safetensors.torch import save_file
@@ -32,12 +33,13 @@ from vlmsafe_cli.interventions import ablated, added, unit
 from vlmsafe_cli.judge import judge
 from vlmsafe_cli.models.adapter import ModelAdapter, get_adapter
 from vlmsafe_cli.progress import track
-from vlmsafe_cli.results import row
+from vlmsafe_cli.results import row, write_table
 from vlmsafe_cli.stats import bootstrap_ci, proportion_ci
 
 log = logging.getLogger("vlmsafe.refusal_direction")
 ANALYSIS = "refusal_direction"
 REFUSED = ("genuine_refusal", "refusal_then_comply", "over_refusal")
+SCORE_COLUMNS = ["layer", "pos", "ablation_score", "kl_harmless", "steering_score"]
 
 
 # -- prompts --------------------------------------------------------------------------------------------
@@ -133,6 +135,7 @@ class Selection:
     steering_score: float
     kl: float
     evaluated: int  # candidates whose filters were checked
+    scores: list = field(default_factory=list)  # per candidate: layer, pos, ablation score, kl, steering
 
 
 @torch.no_grad()
@@ -163,6 +166,10 @@ def select_direction(
             logprobs = next_token_logprobs(adapter, splits["harmful_val"], batch_size)
         ablation_scores[(layer, index)] = refusal_scores(logprobs, refusal_ids).mean().item()
     ranked = sorted(candidates, key=lambda candidate: ablation_scores[candidate])
+    scores = {
+        candidate: {"layer": candidate[0], "pos": positions[candidate[1]], "ablation_score": value}
+        for candidate, value in ablation_scores.items()
+    }
     for evaluated, (layer, index) in enumerate(ranked, start=1):
         direction = mean_diffs[layer, index]
         with ablated(adapter, direction):
@@ -170,6 +177,7 @@ def select_direction(
                 harmless_plain, next_token_logprobs(adapter, splits["harmless_val"], batch_size)
             )
         kl_mean = kl.mean().item()
+        scores[(layer, index)]["kl_harmless"] = kl_mean
         if kl_mean >= settings.kl_threshold:
             log.info(
                 "candidate layer %d pos %d: KL %.3f >= %g, next",
@@ -182,6 +190,7 @@ def select_direction(
         with added(adapter, direction, layer):
             steered = next_token_logprobs(adapter, splits["harmless_val"], batch_size)
         steering = refusal_scores(steered, refusal_ids).mean().item()
+        scores[(layer, index)]["steering_score"] = steering
         log.info(
             "candidate layer %d pos %d: KL %.3f, steering score %.2f",
             layer,
@@ -199,6 +208,7 @@ def select_direction(
                 steering,
                 kl_mean,
                 evaluated,
+                list(scores.values()),
             )
     layer, index = ranked[0]  # nothing passed: report the best bypass, flagged
     log.warning("no candidate passed the KL and induce filters: using the lowest ablation score, flagged")
@@ -211,6 +221,7 @@ def select_direction(
         float("nan"),
         float("nan"),
         len(ranked),
+        list(scores.values()),
     )
 
 
@@ -254,6 +265,9 @@ class Extracted:
             "layer_means": "the residual entering decoder layer `layer` (HF hidden_states[layer])",
         }
         save_file(tensors, str(path), metadata=metadata)
+        # every candidate's selection scores (kl / steering where the filter walk reached it), for diagnosis
+        table = pd.DataFrame(self.selection.scores, columns=SCORE_COLUMNS)
+        write_table(table, path.parent, stem=path.name.removesuffix(".safetensors") + "_candidates")
 
 
 def extract(
