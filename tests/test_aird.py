@@ -12,7 +12,13 @@ from omegaconf import OmegaConf
 
 from vlmsafe_cli.analysis import merged_settings
 from vlmsafe_cli.analysis.aird import dense_weight, edited, run, writer
-from vlmsafe_cli.analysis.refusal_direction import extracted_for, prompt_splits, refusal_token_ids
+from vlmsafe_cli.analysis.refusal_direction import (
+    Extracted,
+    Selection,
+    candidate_directions,
+    memo_key,
+    prompt_splits,
+)
 from vlmsafe_cli.config import CompressConfig, ModelConfig, VlmsafeConfig
 from vlmsafe_cli.interventions import unit
 from vlmsafe_cli.job import Workspace
@@ -33,16 +39,24 @@ def job_config(model: str, family: str, source: str):
 
 
 def write_removed_workspace(tmp_path, model: str, family: str, source: str, layer: int, settings):
-    """A workspace whose "compressed" model is the base model with layer `layer`'s MLP write along the base
-    refusal direction r removed (W <- W - r r^T W): the one thing AIRD's restore_write puts back."""
+    """A workspace whose "compressed" model is the base model with layer `layer`'s MLP write along r
+    removed (W <- W - r r^T W): the one thing AIRD's restore_write puts back. r is the base model's
+    harmful-minus-harmless mean entering layer `layer` at the last prompt position, given to the analysis as
+    the base direction (the property holds for any r, so the test skips the selection search)."""
     cfg = job_config(model, family, source)
     base = load_model(cfg.model, CPU, seed=0)
     compressed = LoadedModel(base.name, base.family, copy.deepcopy(base.model), base.processor)
     workspace = Workspace(cfg=cfg, job_dir=tmp_path, device=CPU, compressed=compressed, _base=base)
     base_adapter = get_adapter(base)
     splits = prompt_splits(cfg, settings, base_adapter)
-    ids = refusal_token_ids(base_adapter, list(settings.refusal_tokens))
-    r = unit(extracted_for(workspace, "base", base_adapter, splits, ids, settings).selection.direction)
+    positions = base_adapter.post_instruction_positions()
+    mean_diffs = candidate_directions(
+        base_adapter, splits["harmful_train"], splits["harmless_train"], positions, settings.batch_size
+    )
+    direction = mean_diffs[layer, -1]
+    selection = Selection(layer, positions[-1], direction, False, float("nan"), float("nan"), float("nan"), 0)
+    workspace.memo[memo_key("base", settings)] = Extracted(mean_diffs, positions, selection)
+    r = unit(direction)
     down = writer(get_adapter(compressed), layer, "mlp")
     with torch.no_grad():
         down.weight -= torch.outer(r, r @ down.weight)

@@ -288,13 +288,18 @@ def extract(
     return Extracted(mean_diffs, positions, selection)
 
 
+def memo_key(variant: str, settings: DictConfig) -> tuple:
+    """What a model's extraction depends on, as the key it is shared under in `workspace.memo`."""
+    keys = ("n_train", "n_val", "refusal_tokens", "kl_threshold", "induce_threshold", "max_layer_fraction")
+    return (ANALYSIS, variant, tuple(str(settings[k]) for k in keys), settings.with_image)
+
+
 def extracted_for(
     workspace, variant: str, adapter: ModelAdapter, splits: dict, refusal_ids: list[int], settings: DictConfig
 ) -> Extracted:
     """`extract` once per job for a model and the settings it depends on (refusal_direction and aird
     in one job share it)."""
-    keys = ("n_train", "n_val", "refusal_tokens", "kl_threshold", "induce_threshold", "max_layer_fraction")
-    key = (ANALYSIS, variant, tuple(str(settings[k]) for k in keys), settings.with_image)
+    key = memo_key(variant, settings)
     if key not in workspace.memo:
         workspace.memo[key] = extract(adapter, splits, refusal_ids, settings)
     return workspace.memo[key]
