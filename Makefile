@@ -43,6 +43,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_compress.py
 	$(PY) benchmarks/bench_load.py
+	$(PY) benchmarks/bench_refusal_direction.py
 
 # A small multirun on tiny models, each job in its own process (submitit local launcher).
 sweep-local: $(STAMP)
