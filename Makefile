@@ -52,7 +52,8 @@ sweep-local: $(STAMP)
 
 # On a CUDA machine: the tiny-model runner suite on the GPU, then the benchmarks on the GPU.
 gpu-check: $(STAMP)
-	VLMSAFE_TEST_DEVICE=cuda $(PY) -m pytest -q tests/test_runner.py tests/test_models_tiny.py
+	VLMSAFE_TEST_DEVICE=cuda $(PY) -m pytest -q tests/test_runner.py tests/test_models_tiny.py \
+		tests/test_gptq_awq.py tests/test_refusal_direction.py tests/test_aird.py
 	$(PY) benchmarks/bench_compress.py --device cuda
 
 clean:
