@@ -38,7 +38,9 @@ def test_align_trains_and_saves_a_small_adapter_on_a_tiny_model(cli, tmp_path, m
         "n_harmless=6",
         "distill_max_new_tokens=4",
         "rank=2",
+        "alpha=16",
         "lr=0.05",
+        "distill_filter=false",  # a random tiny model's answers are degenerate: the filter would drop them
         f"out={out}",
         f"eval_harmful={harmful_eval}",
         f"eval_harmless={harmless_eval}",
@@ -60,3 +62,10 @@ def test_align_trains_and_saves_a_small_adapter_on_a_tiny_model(cli, tmp_path, m
     # the trained delta is not zero: LoRA's B starts at zero and must have moved
     with safe_open(str(adapter), framework="pt") as handle:
         assert any(handle.get_tensor(k).abs().sum() > 0 for k in keys if k.endswith("lora_B"))
+
+
+def test_a_distill_filter_that_leaves_too_few_answers_is_a_user_error(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMSAFE_CACHE", str(tmp_path / "cache"))
+    overrides = ["model=tiny-llama", "steps=1", "batch_size=4", "n_harmful=4", "n_harmless=4"]
+    code, _, err = cli("align", *overrides, "distill_max_new_tokens=4", f"out={tmp_path / 'o'}")
+    assert code == 2 and "distill_filter kept" in err and "distill_filter=false" in err, err

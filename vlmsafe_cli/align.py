@@ -204,6 +204,13 @@ def run_align(cfg: DictConfig) -> Path:
             if judge(answer, False) == "answered"
         ]
         log.info("distill_filter: kept %d of %d harmless answers", len(kept), len(harmless))
+        needed = cfg.batch_size - round((cfg.harmful_fraction or 0.0) * cfg.batch_size)
+        if len(kept) < needed:
+            raise UserError(
+                f"distill_filter kept {len(kept)} of {len(harmless)} self-distilled answers (the others are "
+                f"over-refusals or degenerate), fewer than the {needed} harmless examples a batch needs; "
+                "set distill_filter=false or lower batch_size"
+            )
         harmless, answers = [item for item, _ in kept], [answer for _, answer in kept]
     harmless_examples = [
         _examples(tokenizer, item["instruction"], answer, cfg.max_len, eos=False)
