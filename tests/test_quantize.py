@@ -310,4 +310,10 @@ def test_saved_export_reloads_with_the_same_logits(cli, tmp_path, fresh_cache, m
 
     images = [Image.new("RGB", (56, 56), "teal")] if family == "llava" else None
     batch = get_adapter(in_memory).encode(["Tell me about the weather."], images)
-    assert torch.equal(get_adapter(reloaded).logits_next(batch), get_adapter(in_memory).logits_next(batch))
+    # the same weights: equal up to float32 rounding (kernel choices may differ between the two objects)
+    torch.testing.assert_close(
+        get_adapter(reloaded).logits_next(batch),
+        get_adapter(in_memory).logits_next(batch),
+        rtol=1e-5,
+        atol=1e-6,
+    )
