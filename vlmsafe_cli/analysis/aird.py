@@ -28,12 +28,12 @@ from vlmsafe_cli.analysis.refusal_direction import (
     Prompts,
     extracted_for,
     judged,
-    next_token_logprobs,
+    mean_refusal_score,
     prompt_splits,
-    refusal_scores,
     refusal_token_ids,
 )
-from vlmsafe_cli.compress.bnb import dequantized_weight, is_bnb_linear
+from vlmsafe_cli.compress import storage
+from vlmsafe_cli.compress.bnb import is_bnb_linear
 from vlmsafe_cli.compress.perplexity import perplexity_rows
 from vlmsafe_cli.interventions import unit
 from vlmsafe_cli.models.adapter import ModelAdapter, get_adapter
@@ -52,9 +52,8 @@ def writer(adapter: ModelAdapter, layer: int, matrix: str) -> nn.Module:
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """A float32 copy of the (out, in) weight the module computes with (dequantised for bitsandbytes)."""
-    weight = dequantized_weight(module) if is_bnb_linear(module) else module.weight
-    return weight.detach().float().cpu().clone()
+    """A float32 CPU copy of the (out, in) weight the module computes with (dequantised for bitsandbytes)."""
+    return storage.dense_weight(module).detach().float().cpu().clone()
 
 
 @contextmanager
@@ -171,11 +170,6 @@ def outcome_rows(
             row(ANALYSIS, variant, metric, rate, ci_low=low, ci_high=high, n=len(labels), split="test")
         )
     return rows
-
-
-@torch.no_grad()
-def mean_refusal_score(adapter: ModelAdapter, prompts: Prompts, ids: list[int], batch_size: int) -> float:
-    return refusal_scores(next_token_logprobs(adapter, prompts, batch_size), ids).mean().item()
 
 
 @torch.no_grad()

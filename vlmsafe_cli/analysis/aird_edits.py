@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import torch
 
-
-def _unit(direction: torch.Tensor) -> torch.Tensor:
-    direction = direction.detach().float()
-    return direction / direction.norm()
+from vlmsafe_cli.interventions import unit
 
 
 def restore_write(
     compressed: torch.Tensor, base: torch.Tensor, direction: torch.Tensor, alpha: float = 1.0
 ) -> torch.Tensor:
     """W_c + alpha r r^T (W_b - W_c), float32."""
-    r = _unit(direction)
+    r = unit(direction)
     compressed, base = compressed.float(), base.float()
     return compressed + alpha * torch.outer(r, r @ (base - compressed))
 
@@ -35,7 +32,7 @@ def mask_preserving_write(
     """Per input column j: the smallest change on the kept entries K_j of W_c[:, j] with r^T W'[:, j] =
     r^T W_b[:, j]: delta_j = (r restricted to K_j) * gap_j / ||r restricted to K_j||^2. A column with no
     kept entry where r is nonzero cannot move and is left as it is."""
-    r = _unit(direction)
+    r = unit(direction)
     compressed, base = compressed.float(), base.float()
     kept_r = (compressed != 0).float() * r.reshape(-1, 1)  # (out, in): r on each column's kept rows
     reach = kept_r.square().sum(0)
@@ -52,7 +49,7 @@ def ridge_readout(
     """W_c + r u^T with u = argmin ||A u - g||^2 + lambda ||u||^2, A = the matrix's inputs (tokens, in),
     g = the base-minus-compressed projection on r of the layer's output at those tokens, and lambda =
     `ridge` x the mean diagonal of A^T A (scale-free)."""
-    r = _unit(direction)
+    r = unit(direction)
     inputs, gaps = inputs.float(), gaps.float()
     gram = inputs.T @ inputs
     damping = ridge * gram.diagonal().mean().clamp(min=1e-12)

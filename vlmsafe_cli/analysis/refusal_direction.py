@@ -103,6 +103,14 @@ def refusal_scores(logprobs: torch.Tensor, refusal_ids: list[int]) -> torch.Tens
     return refusal - torch.log1p(-refusal.exp().clamp(max=1 - 1e-7))
 
 
+@torch.no_grad()
+def mean_refusal_score(
+    adapter: ModelAdapter, prompts: Prompts, refusal_ids: list[int], batch_size: int
+) -> float:
+    """The mean refusal score of `prompts` under whatever hooks are active."""
+    return refusal_scores(next_token_logprobs(adapter, prompts, batch_size), refusal_ids).mean().item()
+
+
 def kl_divergence(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """KL(reference || other) per prompt, from log-probabilities."""
     return (reference.exp() * (reference - other)).sum(-1)
@@ -163,8 +171,9 @@ def select_direction(
     ablation_scores = {}
     for layer, index in track(candidates, description="refusal direction: ablation scores"):
         with ablated(adapter, mean_diffs[layer, index]):
-            logprobs = next_token_logprobs(adapter, splits["harmful_val"], batch_size)
-        ablation_scores[(layer, index)] = refusal_scores(logprobs, refusal_ids).mean().item()
+            ablation_scores[(layer, index)] = mean_refusal_score(
+                adapter, splits["harmful_val"], refusal_ids, batch_size
+            )
     ranked = sorted(candidates, key=lambda candidate: ablation_scores[candidate])
     scores = {
         candidate: {"layer": candidate[0], "pos": positions[candidate[1]], "ablation_score": value}
@@ -188,8 +197,7 @@ def select_direction(
             )
             continue
         with added(adapter, direction, layer):
-            steered = next_token_logprobs(adapter, splits["harmless_val"], batch_size)
-        steering = refusal_scores(steered, refusal_ids).mean().item()
+            steering = mean_refusal_score(adapter, splits["harmless_val"], refusal_ids, batch_size)
         scores[(layer, index)]["steering_score"] = steering
         log.info(
             "candidate layer %d pos %d: KL %.3f, steering score %.2f",
