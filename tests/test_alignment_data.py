@@ -51,7 +51,9 @@ def test_category_counts(alignment):
     assert set(harmful_counts) == {*HARMFUL_CATEGORIES, "other_illegal"}
     harmless_counts = Counter(record["category"] for record in harmless)
     assert len(harmless) >= 300
-    assert 0.15 <= harmless_counts["close_benign"] / len(harmless) <= 0.45, harmless_counts
+    # v5: about half the harmless set shares a topic with harmful requests (against refusal by topic); the
+    # rest (tasks, writing, coding, ...) keeps ordinary helpfulness in the mix
+    assert 0.15 <= harmless_counts["close_benign"] / len(harmless) <= 0.55, harmless_counts
 
 
 def test_refusals_mostly_start_with_i(alignment):

@@ -19,6 +19,8 @@ from vlmsafe_cli.crosscoder import (
     dead_fraction,
     fraction_of_variance_explained,
     gmm_thresholds,
+    heldout_prompts,
+    massive_tokens,
     rho_theta,
     train_crosscoder,
 )
@@ -132,6 +134,34 @@ def test_other_sparsities_and_options_train(sparsity):
         assert max(history["l0"]) <= 4
 
 
+def test_massive_filter_drops_exactly_the_planted_huge_norm_tokens():
+    g = torch.Generator().manual_seed(0)
+    pairs = torch.randn(500, 2, 16, generator=g)  # norms ~4 in both models
+    huge_base, huge_compressed, huge_both = [0, 100, 250], [7, 333], [499]
+    pairs[huge_base, 0] *= 1000.0  # attention-sink-like: ~1000x the median norm, in one model only
+    pairs[huge_compressed, 1] *= 50.0
+    pairs[huge_both] *= 200.0
+    pairs[[3, 4], 0] *= 5.0  # large but under 10x the median: kept
+    planted = torch.zeros(500, dtype=torch.bool)
+    planted[huge_base + huge_compressed + huge_both] = True
+    assert torch.equal(massive_tokens(pairs, 10.0), planted)
+    assert massive_tokens(pairs, 3.0)[[3, 4]].all()  # a lower factor reaches the 5x tokens too
+
+
+def test_heldout_split_is_by_prompt_seeded_and_holds_out_at_least_one():
+    prompt = torch.arange(40).repeat_interleave(torch.arange(40) % 7 + 1)  # 1..7 tokens per prompt
+    heldout = heldout_prompts(40, 0.125, seed=3)
+    assert int(heldout.sum()) == 5 and torch.equal(heldout, heldout_prompts(40, 0.125, seed=3))
+    assert not torch.equal(heldout, heldout_prompts(40, 0.125, seed=4))
+    tokens = heldout[prompt]
+    assert set(prompt[tokens].tolist()).isdisjoint(prompt[~tokens].tolist())
+    assert set(prompt[tokens].tolist()) == set(heldout.nonzero().ravel().tolist())
+    assert int(heldout_prompts(3, 0.01, seed=0).sum()) == 1  # at least one held out
+    assert int(heldout_prompts(3, 0.99, seed=0).sum()) == 2  # at least one left to train on
+    with pytest.raises(ValueError, match="at least 2 prompts"):
+        heldout_prompts(1, 0.125, seed=0)
+
+
 # -- the analysis end to end (plumbing on tiny models) ---------------------------------------------------
 SMALL_JOB = (
     "analysis=crosscoder",
@@ -147,6 +177,7 @@ SMALL_JOB = (
 
 def test_crosscoder_job_writes_rows_artifacts_and_reuses_cached_activations(cli, tmp_path, monkeypatch):
     import pandas as pd
+    from safetensors.torch import load_file
 
     import vlmsafe_cli.analysis.crosscoder as analysis
 
@@ -164,7 +195,20 @@ def test_crosscoder_job_writes_rows_artifacts_and_reuses_cached_activations(cli,
         "dead_fraction",
         "feature_fraction",
         "mean_theta_shared",
+        "n_tokens_train",
+        "n_tokens_heldout",
+        "n_tokens_massive_dropped",
     } <= metrics
+    value = table.set_index("metric").value
+    assert value.n_tokens == value.n_tokens_train + value.n_tokens_heldout + value.n_tokens_massive_dropped
+    assert value.n_tokens_heldout > 0 and value.n_tokens_train > value.n_tokens_heldout  # 1 of 8 prompts
+    heldout = table[table.metric.isin(["fve_base", "fve_compressed", "l0", "dead_fraction"])]
+    assert len(heldout) == 4 and (heldout.split == "heldout").all()
+    assert (heldout.n == value.n_tokens_heldout).all()
+    shards = sorted((tmp_path / "cache").rglob("shard*.safetensors"))
+    prompt = torch.cat([load_file(str(shard))["prompt"] for shard in shards])
+    assert prompt.dtype == torch.int64 and len(prompt) == value.n_tokens
+    assert prompt.tolist() == sorted(prompt.tolist()) and set(prompt.tolist()) == set(range(8))
     fractions = table[table.metric == "feature_fraction"]
     assert fractions.value.sum() == pytest.approx(1.0) and len(fractions) == 7
     assert table[table.metric == "hook_layer"].value.iloc[0] == 1  # auto without a refusal direction: middle
@@ -182,9 +226,14 @@ def test_crosscoder_job_writes_rows_artifacts_and_reuses_cached_activations(cli,
         "compress=magnitude50",
         *SMALL_JOB,
         "analysis.crosscoder.steps=10",
+        "analysis.crosscoder.exclude_massive=null",  # applied after the cache: no recollection
         f"hydra.run.dir={again}",
     )
     assert code == 0, err
+    table = pd.read_parquet(again / "results.parquet")
+    value = table[table.analysis == "crosscoder"].set_index("metric").value
+    assert value.n_tokens_massive_dropped == 0
+    assert value.n_tokens == value.n_tokens_train + value.n_tokens_heldout
 
 
 def test_crosscoder_links_features_to_the_refusal_direction_and_on_a_vlm_hooks_the_projector(cli, tmp_path):
@@ -225,6 +274,9 @@ def test_crosscoder_links_features_to_the_refusal_direction_and_on_a_vlm_hooks_t
         (("analysis.crosscoder.hook=vision",), "needs a VLM"),
         (("analysis.crosscoder.sparsity=relu",), "choose batchtopk, topk or l1"),
         (("analysis.crosscoder.layer=-1",), "use auto or a layer index"),
+        (("analysis.crosscoder.n_prompts=1",), "held-out split needs >= 2"),
+        (("analysis.crosscoder.holdout_fraction=1.0",), "use a fraction in (0, 1)"),
+        (("analysis.crosscoder.exclude_massive=0.5",), "or null to keep every token"),
     ],
 )
 def test_crosscoder_bad_settings_are_one_line_errors(cli, tmp_path, overrides, message):

@@ -222,6 +222,38 @@ def test_the_planted_refusal_direction_is_selected():
     assert refusal_scores(logprobs, ids).mean() < 0
 
 
+@pytest.mark.parametrize("failing", ["induce", "kl_and_induce"])
+def test_filters_are_relaxed_induce_first_and_flagged(failing):
+    """No candidate can pass an induce threshold of 1e9: the lowest-ablation-score candidate that passes
+    KL is taken (still the planted one); with a KL threshold no candidate passes either, the lowest ablation
+    score outright, its KL measured. Both are flagged."""
+    direction = random_direction(64, 4)
+    adapter = get_adapter(planted_model(direction, "I"))
+    kl_threshold = 0.1 if failing == "induce" else -1.0
+    settings = OmegaConf.structured(
+        RefusalDirectionSettings(
+            n_train=32, n_val=16, refusal_tokens=["I"], induce_threshold=1e9, kl_threshold=kl_threshold
+        )
+    )
+    splits = {
+        f"{kind}_{name}": Prompts(planted_prompts(kind == "harmful", size, seed))
+        for kind in ("harmful", "harmless")
+        for name, size, seed in (("train", 32, 0), ("val", 16, 1))
+    }
+    chosen = extract(adapter, splits, refusal_token_ids(adapter, ["I"]), settings).selection
+    assert not chosen.passed_filters and chosen.passed_kl == (failing == "induce")
+    scores = pd.DataFrame(chosen.scores)
+    if failing == "induce":
+        passing = scores[scores.kl_harmless < 0.1]
+        assert chosen.ablation_score == passing.ablation_score.min()
+        assert chosen.kl < 0.1 and chosen.steering_score == chosen.steering_score  # measured
+        assert torch.cosine_similarity(chosen.direction, direction, dim=0) >= 0.95
+    else:
+        assert chosen.ablation_score == scores.ablation_score.min()
+        assert chosen.kl == chosen.kl and chosen.kl >= 0  # measured even though the walk skipped it
+    assert chosen.evaluated == len(scores)
+
+
 def test_a_planted_massive_activation_is_found_and_zeroed_in_every_candidate():
     """A sink-like token (the prompt's first) carries 1.0 on coordinate 7 against a median |x| of ~1e-4:
     exactly that coordinate is flagged, zeroed in the candidates, and the planted direction (orthogonal

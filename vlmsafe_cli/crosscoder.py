@@ -15,6 +15,11 @@ rho > t3 shared_amplified, else theta > 0.8 shared_aligned, and shared_other for
 from a BIC-selected 1-D Gaussian mixture on rho (`gmm_thresholds`). The mixture is fragile: on the planted
 test data (with dead latents' random decoders and per-model normalisation moving the shared band to ~0.45)
 it merged bands that the fixed thresholds separate, so it is an option, not the default.
+
+Data hygiene for the analysis: `heldout_prompts` splits by prompt (no prompt on both sides) so FVE, L0 and
+dead latents are measured on tokens the crosscoder never saw; `massive_tokens` finds attention-sink tokens
+whose norm is orders of magnitude above the rest (massive activations, Sun et al. 2024), which would dominate
+the reconstruction loss and the FVE denominator.
 """
 
 from __future__ import annotations
@@ -197,6 +202,14 @@ def fraction_of_variance_explained(
 
 
 @torch.no_grad()
+def mean_l0(model: Crosscoder, pairs: torch.Tensor, scales: torch.Tensor) -> float:
+    """Mean active latents per token, encoding `pairs` as one batch (as `fraction_of_variance_explained`)."""
+    device = next(model.parameters()).device
+    x = (pairs * scales[None, :, None]).to(device)
+    return (model.encode(x) > 0).float().sum(-1).mean().item()
+
+
+@torch.no_grad()
 def dead_fraction(
     model: Crosscoder, pairs: torch.Tensor, scales: torch.Tensor, batch_size: int = 1024
 ) -> float:
@@ -206,6 +219,25 @@ def dead_fraction(
         x = (pairs[start : start + batch_size] * scales[None, :, None]).to(device)
         fired |= (model.encode(x) > 0).any(0)
     return 1.0 - fired.float().mean().item()
+
+
+def massive_tokens(pairs: torch.Tensor, factor: float) -> torch.Tensor:
+    """(n,) bool: tokens whose activation norm exceeds `factor` x the median token norm of that model (the
+    lower median over `pairs`) in either model of the (n, 2, d) pairs."""
+    norms = pairs.norm(dim=-1)
+    return (norms > factor * norms.median(dim=0).values).any(dim=1)
+
+
+def heldout_prompts(n_prompts: int, holdout_fraction: float, seed: int) -> torch.Tensor:
+    """(n_prompts,) bool, True for the held-out prompts: round(holdout_fraction x n_prompts) of them, at least
+    one and at most all but one, drawn with `seed`. Index it with each token's prompt to split tokens."""
+    if n_prompts < 2:
+        raise ValueError(f"a held-out split needs at least 2 prompts, got {n_prompts}")
+    n_heldout = min(n_prompts - 1, max(1, round(holdout_fraction * n_prompts)))
+    order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed))
+    heldout = torch.zeros(n_prompts, dtype=torch.bool)
+    heldout[order[:n_heldout]] = True
+    return heldout
 
 
 def rho_theta(decoder: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import psutil
 import torch
@@ -40,6 +40,9 @@ from vlmsafe_cli.config import hashed_config, parse_targets
 from vlmsafe_cli.errors import JobError, UserError
 from vlmsafe_cli.models import LoadedModel, load_model, model_identity, resolve_device
 from vlmsafe_cli.results import atomic_write, make_table, row, write_json, write_table
+
+if TYPE_CHECKING:
+    from vlmsafe_cli.models.adapter import ModelAdapter
 
 log = logging.getLogger("vlmsafe.job")
 LIBRARIES = ("torch", "transformers", "bitsandbytes", "hydra-core", "omegaconf", "pandas", "safetensors")
@@ -110,6 +113,15 @@ class Workspace:
         if self._base is None:
             self._base = load_model(self.cfg.model, self.device, self.cfg.seed)
         return self._base
+
+    def adapters(self) -> dict[str, ModelAdapter]:
+        """{"base": adapter} plus "compressed" when the job compresses: the models an analysis compares."""
+        from vlmsafe_cli.models.adapter import get_adapter
+
+        adapters = {"base": get_adapter(self.base())}
+        if self.cfg.compress.method != "none":
+            adapters["compressed"] = get_adapter(self.compressed)
+        return adapters
 
     def cached(self, kind: str, key: dict, build: Callable[[Path], None], load: Callable[[Path], Any]) -> Any:
         """A cache entry keyed by the model identity plus `key` (e.g. base-model activations)."""

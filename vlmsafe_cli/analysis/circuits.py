@@ -36,7 +36,7 @@ from omegaconf import DictConfig
 
 from vlmsafe_cli import circuits
 from vlmsafe_cli.errors import JobError
-from vlmsafe_cli.models.adapter import ModelAdapter, get_adapter
+from vlmsafe_cli.models.adapter import ModelAdapter
 from vlmsafe_cli.progress import track
 from vlmsafe_cli.results import ci_row, row, write_table
 from vlmsafe_cli.stats import bootstrap_ci
@@ -370,9 +370,7 @@ def heatmap(means: dict[str, torch.Tensor], n_heads: int, path: Path) -> None:
 # -- entry ----------------------------------------------------------------------------------------------
 def run(workspace, settings: DictConfig) -> list[dict]:
     cfg = workspace.cfg
-    models = {"base": get_adapter(workspace.base())}
-    if cfg.compress.method != "none":
-        models["compressed"] = get_adapter(workspace.compressed)
+    models = workspace.adapters()
     items = task_items(workspace, models["base"], settings)
     if len(items) < 2:
         raise JobError(f"circuits: {len(items)} pairs for task={settings.task}; at least 2 are needed")

@@ -8,12 +8,18 @@ Hook points (`hook=`): `residual` (the language model's residual stream entering
 job, else the middle layer), `vision` (the vision tower's last hidden state, every patch token), `projector`
 (the projector's output, every image token). Prompts: the job's `data=` prompts (harmful and harmless
 together), paired with seeded synthetic images for `vision` / `projector`. Every non-pad token is one
-activation vector. Activations are collected batch by batch into safetensors shards in the cache, keyed by
-(model, compression, hook, layer, prompts), so a second analysis on the same key skips collection.
+activation vector, recorded with the index of its prompt. Activations are collected batch by batch into
+safetensors shards in the cache ("pairs" and "prompt"), keyed by (cache format, model, compression, hook,
+layer, prompts), so a second analysis on the same key skips collection. The cache stays raw: tokens whose
+norm in either model exceeds `exclude_massive` x that model's median token norm (attention sinks) are dropped
+after loading, and a seeded `holdout_fraction` of the prompts is held out (split by prompt, never by token);
+the crosscoder trains on the rest (at most `max_tokens`, a seeded sample).
 
-Rows: `fve_base`, `fve_compressed` (fraction of variance explained, on all collected tokens), `l0`,
-`dead_fraction`, `feature_fraction` per class (group), `mean_theta_shared` (rotation),
-`median_norm_ratio_shared` (||d_c|| / ||d_b||: attenuation), `n_tokens`; with a base refusal direction in
+Rows: `fve_base`, `fve_compressed` (fraction of variance explained), `l0`, `dead_fraction` (all four on the
+held-out prompts' tokens, split=heldout), `feature_fraction` per class (group), `mean_theta_shared`
+(rotation), `median_norm_ratio_shared` (||d_c|| / ||d_b||: attenuation), `n_tokens` (collected),
+`n_tokens_massive_dropped`, `n_tokens_train` (trained on), `n_tokens_heldout` (evaluated on); with a base
+refusal direction in
 the job (residual hook at its layer): `refusal_top_theta`, `refusal_top_rho` (means over the `refusal_top`
 features whose base decoder is most aligned with it) and `refusal_max_cos`. Artifacts: crosscoder.safetensors
 (weights, normalisation scales), crosscoder_features.parquet/.csv (per feature: norms, rho, theta, class,
@@ -38,16 +44,20 @@ from vlmsafe_cli.crosscoder import (
     dead_fraction,
     fraction_of_variance_explained,
     gmm_thresholds,
+    heldout_prompts,
+    massive_tokens,
+    mean_l0,
     rho_theta,
     train_crosscoder,
 )
 from vlmsafe_cli.errors import JobError
-from vlmsafe_cli.models.adapter import ModelAdapter, get_adapter
+from vlmsafe_cli.models.adapter import ModelAdapter
 from vlmsafe_cli.progress import track
 from vlmsafe_cli.results import row, write_table
 
 log = logging.getLogger("vlmsafe.crosscoder")
 ANALYSIS = "crosscoder"
+CACHE_FORMAT = 2  # 2: shards hold "prompt" (int64, each token's prompt index) next to "pairs"
 
 
 def base_refusal_selection(workspace):
@@ -99,15 +109,31 @@ def _activations(adapter: ModelAdapter, batch, hook: str, layer: int) -> torch.T
     return out.reshape(-1, out.shape[-1]).float().cpu()
 
 
-def collect(workspace, models: dict[str, ModelAdapter], settings: DictConfig, layer: int) -> torch.Tensor:
-    """(tokens, 2, d) paired activations, from the cache or collected into it in shards."""
+def _token_prompts(batch, hook: str, n_tokens: int) -> torch.Tensor:
+    """(tokens,) int64 index, within the batch, of the prompt each of `_activations`' rows came from."""
+    mask = batch["attention_mask"]
+    if hook == "residual":
+        return torch.arange(mask.shape[0]).repeat_interleave(mask.bool().sum(1).cpu())
+    n_prompts = mask.shape[0]  # one image per prompt, all the same size: equal runs of image tokens
+    if n_tokens % n_prompts:
+        raise JobError(
+            f"crosscoder hook={hook}: {n_tokens} image tokens do not split over {n_prompts} prompts"
+        )
+    return torch.arange(n_prompts).repeat_interleave(n_tokens // n_prompts)
+
+
+def collect(
+    workspace, models: dict[str, ModelAdapter], settings: DictConfig, layer: int, texts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, 2, d) paired activations and (tokens,) prompt indices into `texts`, from the cache or
+    collected into it in shards."""
     from vlmsafe_cli.analysis.refusal_direction import _with_images
 
     cfg = workspace.cfg
-    texts = _prompts(workspace, settings)
     compress = OmegaConf.to_container(cfg.compress, resolve=True)
     compress.pop("save", None)
     key = {
+        "format": CACHE_FORMAT,
         "compress": compress,
         "hook": settings.hook,
         "layer": layer if settings.hook == "residual" else None,
@@ -119,7 +145,15 @@ def collect(workspace, models: dict[str, ModelAdapter], settings: DictConfig, la
         adapter_b, adapter_c = models["base"], models["compressed"]
         needs_images = settings.hook != "residual"
         prompts = _with_images(adapter_c, texts, cfg.seed) if needs_images else None
-        shard, count = [], 0
+        shard, shard_prompts, count = [], [], 0
+
+        def save() -> None:
+            tensors = {
+                "pairs": torch.cat(shard).contiguous(),
+                "prompt": torch.cat(shard_prompts).contiguous(),
+            }
+            save_file(tensors, str(tmp / f"shard{count:04d}.safetensors"))
+
         for start in track(range(0, len(texts), settings.batch_size), description="crosscoder activations"):
             chunk = texts[start : start + settings.batch_size]
             images = None if prompts is None else prompts.images[start : start + settings.batch_size]
@@ -132,21 +166,54 @@ def collect(workspace, models: dict[str, ModelAdapter], settings: DictConfig, la
                 dim=1,
             )
             shard.append(pair)
+            shard_prompts.append(start + _token_prompts(batch, settings.hook, pair.shape[0]))
             if sum(p.shape[0] for p in shard) >= settings.shard_tokens:
-                save_file(
-                    {"pairs": torch.cat(shard).contiguous()}, str(tmp / f"shard{count:04d}.safetensors")
-                )
-                shard, count = [], count + 1
+                save()
+                shard, shard_prompts, count = [], [], count + 1
         if shard:
-            save_file({"pairs": torch.cat(shard).contiguous()}, str(tmp / f"shard{count:04d}.safetensors"))
+            save()
 
-    def load(path: Path) -> torch.Tensor:
-        shards = sorted(path.glob("shard*.safetensors"))
+    def load(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        shards = [load_file(str(shard)) for shard in sorted(path.glob("shard*.safetensors"))]
         if not shards:
             raise ValueError("no activation shards")
-        return torch.cat([load_file(str(shard))["pairs"] for shard in shards])
+        pairs = torch.cat([shard["pairs"] for shard in shards])
+        prompt = torch.cat([shard["prompt"] for shard in shards])
+        if prompt.shape != pairs.shape[:1] or prompt.dtype != torch.int64:
+            raise ValueError("prompt indices do not match the activation pairs")
+        return pairs, prompt
 
     return workspace.cached("crosscoder/activations", key, build, load)
+
+
+def split_tokens(
+    pairs: torch.Tensor, prompt: torch.Tensor, heldout: torch.Tensor, settings: DictConfig, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(train pairs, held-out pairs, tokens dropped as massive) given each token's prompt and the held-out
+    prompts' mask: attention-sink tokens dropped first (the median over every collected token), then split
+    by prompt; `max_tokens` subsamples the training part (seeded)."""
+    keep = torch.ones(pairs.shape[0], dtype=torch.bool)
+    if settings.exclude_massive is not None:
+        keep = ~massive_tokens(pairs, settings.exclude_massive)
+        log.info(
+            "crosscoder: dropped %d of %d tokens with a norm above %g x the median in either model "
+            "(massive activations)",
+            int((~keep).sum()),
+            pairs.shape[0],
+            settings.exclude_massive,
+        )
+    dropped = int((~keep).sum())
+    heldout = heldout[prompt]
+    train, test = pairs[keep & ~heldout], pairs[keep & heldout]
+    if not len(train) or not len(test):
+        raise JobError(
+            f"crosscoder: {len(train)} training and {len(test)} held-out tokens left after dropping "
+            f"{dropped} massive ones; raise analysis.crosscoder.n_prompts or exclude_massive"
+        )
+    if settings.max_tokens and train.shape[0] > settings.max_tokens:
+        index = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
+        train = train[index[: settings.max_tokens]]
+    return train, test, dropped
 
 
 def feature_table(model, refusal: torch.Tensor | None, thresholds: tuple[float, ...]) -> pd.DataFrame:
@@ -222,14 +289,17 @@ def run(workspace, settings: DictConfig) -> list[dict]:
     if cfg.compress.method == "none":
         log.info("crosscoder: compress=none has nothing to compare; no rows")
         return []
-    models = {"base": get_adapter(workspace.base()), "compressed": get_adapter(workspace.compressed)}
+    models = workspace.adapters()
     if settings.hook != "residual" and not models["compressed"].is_vlm:
         raise JobError(f"crosscoder hook={settings.hook} needs a VLM; {cfg.model.name} is a text model")
     layer = resolve_layer(workspace, models["base"], settings)
-    pairs = collect(workspace, models, settings, layer)
-    if settings.max_tokens and pairs.shape[0] > settings.max_tokens:
-        index = torch.randperm(pairs.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
-        pairs = pairs[index[: settings.max_tokens]]
+    texts = _prompts(workspace, settings)
+    try:
+        heldout_mask = heldout_prompts(len(texts), settings.holdout_fraction, cfg.seed)
+    except ValueError as err:
+        raise JobError(f"crosscoder: {err} (analysis.crosscoder.n_prompts and data=)") from None
+    pairs, prompt = collect(workspace, models, settings, layer, texts)
+    train, heldout, dropped = split_tokens(pairs, prompt, heldout_mask, settings, cfg.seed)
     d = pairs.shape[-1]
     config = CrosscoderConfig(
         d_in=d,
@@ -242,10 +312,10 @@ def run(workspace, settings: DictConfig) -> list[dict]:
     )
     device = workspace.device
     model, history = train_crosscoder(
-        pairs, config, settings.steps, settings.train_batch_size, settings.lr, cfg.seed, device
+        train, config, settings.steps, settings.train_batch_size, settings.lr, cfg.seed, device
     )
-    scales = torch.tensor(history["scales"])
-    fve_base, fve_compressed = fraction_of_variance_explained(model, pairs, scales)
+    scales = torch.tensor(history["scales"])  # from the training tokens, applied to the held-out ones
+    fve_base, fve_compressed = fraction_of_variance_explained(model, heldout, scales)
     selection = base_refusal_selection(workspace)
     use = settings.hook == "residual" and selection is not None and selection.layer == layer
     refusal = selection.direction if use else None
@@ -265,25 +335,39 @@ def run(workspace, settings: DictConfig) -> list[dict]:
             "thresholds": ",".join(f"{t:.4f}" for t in thresholds),
             "threshold_source": source,
             "config": str(config),
+            "heldout_prompts": ",".join(str(i) for i in heldout_mask.nonzero().ravel().tolist()),
         },
     )
     write_table(table, artifacts, stem="crosscoder_features")
     plots(table, artifacts)
     log.info(
-        "crosscoder %s layer %d: fve %.3f / %.3f, thresholds %s (%s)",
+        "crosscoder %s layer %d: held-out fve %.3f / %.3f (%d train, %d held-out tokens), thresholds %s (%s)",
         settings.hook,
         layer,
         fve_base,
         fve_compressed,
+        len(train),
+        len(heldout),
         thresholds,
         source,
     )
+    n_heldout = len(heldout)
     rows = [
-        row(ANALYSIS, "comparison", "fve_base", fve_base, n=pairs.shape[0]),
-        row(ANALYSIS, "comparison", "fve_compressed", fve_compressed, n=pairs.shape[0]),
-        row(ANALYSIS, "comparison", "l0", float(np.mean(history["l0"][-50:]))),
-        row(ANALYSIS, "comparison", "dead_fraction", dead_fraction(model, pairs, scales)),
+        row(ANALYSIS, "comparison", "fve_base", fve_base, n=n_heldout, split="heldout"),
+        row(ANALYSIS, "comparison", "fve_compressed", fve_compressed, n=n_heldout, split="heldout"),
+        row(ANALYSIS, "comparison", "l0", mean_l0(model, heldout, scales), n=n_heldout, split="heldout"),
+        row(
+            ANALYSIS,
+            "comparison",
+            "dead_fraction",
+            dead_fraction(model, heldout, scales),
+            n=n_heldout,
+            split="heldout",
+        ),
         row(ANALYSIS, "comparison", "n_tokens", pairs.shape[0]),
+        row(ANALYSIS, "comparison", "n_tokens_massive_dropped", dropped),
+        row(ANALYSIS, "comparison", "n_tokens_train", len(train)),
+        row(ANALYSIS, "comparison", "n_tokens_heldout", n_heldout),
         row(ANALYSIS, "comparison", "hook_layer", layer),
     ]
     return rows + summary_rows(table, settings)

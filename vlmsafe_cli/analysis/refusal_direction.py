@@ -8,9 +8,13 @@ refusal on harmless prompts (mean refusal score > `induce_threshold`) and ablati
 next-token distribution on harmless prompts below `kl_threshold`; the kept one with the lowest mean
 refusal score under ablation on harmful prompts wins (val split). Candidates are scored by that ablation
 score first and the filters checked in ascending order, which picks the same candidate as scoring every
-filter for every candidate at a fraction of the cost. Refusal score = log-odds of the refusal tokens at
-the first generated position. The reported rates come from greedy generation judged by the project's
-judge on a test split disjoint from both, with Wilson intervals.
+filter for every candidate at a fraction of the cost. When no candidate passes both filters (small models:
+on the 135M organism no single-layer addition induces refusal at coefficient 1), the induce filter is
+relaxed first: the lowest-ablation-score candidate that passes the KL filter is taken, flagged
+(`selection_passed_filters` 0, `selection_passed_kl` 1); only when none passes KL either is the lowest
+ablation score taken outright (which can break the model: its KL is reported). Refusal score = log-odds
+of the refusal tokens at the first generated position. The reported rates come from greedy generation
+judged by the project's judge on a test split disjoint from both, with Wilson intervals.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from vlmsafe_cli.data.prompts import load_prompt_sets, split
 from vlmsafe_cli.errors import UserError
 from vlmsafe_cli.interventions import ablated, added, orthogonalized, unit
 from vlmsafe_cli.judge import judge
-from vlmsafe_cli.models.adapter import ModelAdapter, get_adapter
+from vlmsafe_cli.models.adapter import ModelAdapter
 from vlmsafe_cli.progress import track
 from vlmsafe_cli.results import row, write_table
 from vlmsafe_cli.stats import bootstrap_ci, proportion_ci
@@ -186,6 +190,7 @@ class Selection:
     steering_score: float
     kl: float
     evaluated: int  # candidates whose filters were checked
+    passed_kl: bool = True
     scores: list = field(default_factory=list)  # per candidate: layer, pos, ablation score, kl, steering
 
 
@@ -222,6 +227,7 @@ def select_direction(
         candidate: {"layer": candidate[0], "pos": positions[candidate[1]], "ablation_score": value}
         for candidate, value in ablation_scores.items()
     }
+    kl_only = None  # the first (lowest ablation score) candidate that passes KL but not induce
     for evaluated, (layer, index) in enumerate(ranked, start=1):
         direction = mean_diffs[layer, index]
         with ablated(adapter, direction):
@@ -249,20 +255,35 @@ def select_direction(
             kl_mean,
             steering,
         )
-        if steering > settings.induce_threshold:
-            return Selection(
-                layer,
-                positions[index],
-                direction,
-                True,
-                ablation_scores[(layer, index)],
-                steering,
-                kl_mean,
-                evaluated,
-                list(scores.values()),
-            )
-    layer, index = ranked[0]  # nothing passed: report the best bypass, flagged
-    log.warning("no candidate passed the KL and induce filters: using the lowest ablation score, flagged")
+        chosen = Selection(
+            layer,
+            positions[index],
+            direction,
+            steering > settings.induce_threshold,
+            ablation_scores[(layer, index)],
+            steering,
+            kl_mean,
+            evaluated,
+        )
+        if chosen.passed_filters:
+            chosen.scores = list(scores.values())
+            return chosen
+        kl_only = kl_only or chosen
+    if kl_only is not None:
+        log.warning(
+            "no candidate passed the induce filter (steering score > %g): using the lowest ablation score "
+            "among those that pass KL (layer %d pos %d), flagged",
+            settings.induce_threshold,
+            kl_only.layer,
+            kl_only.pos,
+        )
+        kl_only.evaluated, kl_only.scores = len(ranked), list(scores.values())
+        return kl_only
+    layer, index = ranked[0]  # nothing passed KL either: report the best bypass, flagged
+    log.warning("no candidate passed the KL filter: using the lowest ablation score, flagged")
+    with ablated(adapter, mean_diffs[layer, index]):
+        ablated_logprobs = next_token_logprobs(adapter, splits["harmless_val"], batch_size)
+    kl_first = kl_divergence(harmless_plain, ablated_logprobs)
     return Selection(
         layer,
         positions[index],
@@ -270,8 +291,9 @@ def select_direction(
         False,
         ablation_scores[ranked[0]],
         float("nan"),
-        float("nan"),
+        kl_first.mean().item(),
         len(ranked),
+        False,
         list(scores.values()),
     )
 
@@ -377,15 +399,14 @@ def selection_rows(variant: str, extracted: Extracted) -> list[dict]:
         row(ANALYSIS, variant, "source_layer", chosen.layer),
         row(ANALYSIS, variant, "source_pos", chosen.pos),
         row(ANALYSIS, variant, "selection_passed_filters", float(chosen.passed_filters)),
+        row(ANALYSIS, variant, "selection_passed_kl", float(chosen.passed_kl)),
         row(ANALYSIS, variant, "direction_norm", chosen.direction.norm().item()),
         row(ANALYSIS, variant, "massive_coordinates", len(extracted.massive)),
         row(ANALYSIS, variant, "ablation_refusal_score", chosen.ablation_score, split="val"),
     ]
-    if chosen.passed_filters:
-        rows += [
-            row(ANALYSIS, variant, "steering_refusal_score", chosen.steering_score, split="val"),
-            row(ANALYSIS, variant, "kl_harmless", chosen.kl, split="val"),
-        ]
+    if chosen.steering_score == chosen.steering_score:  # not NaN: the walk measured it
+        rows.append(row(ANALYSIS, variant, "steering_refusal_score", chosen.steering_score, split="val"))
+    rows.append(row(ANALYSIS, variant, "kl_harmless", chosen.kl, split="val"))
     return rows
 
 
@@ -463,9 +484,7 @@ def comparison_rows(base: Extracted, compressed: Extracted) -> list[dict]:
 def run(workspace, settings: DictConfig) -> list[dict]:
     """Extract, select and evaluate the refusal direction of the base (and the compressed) model."""
     cfg = workspace.cfg
-    models = {"base": get_adapter(workspace.base())}
-    if cfg.compress.method != "none":
-        models["compressed"] = get_adapter(workspace.compressed)
+    models = workspace.adapters()
     job_adapter = models.get("compressed", models["base"])
     splits = prompt_splits(cfg, settings, job_adapter)
     refusal_ids = refusal_token_ids(job_adapter, list(settings.refusal_tokens))

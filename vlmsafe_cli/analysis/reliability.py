@@ -54,7 +54,7 @@ from vlmsafe_cli.data.reliability_tasks import (
     visual_tasks,
 )
 from vlmsafe_cli.generation import generate_all
-from vlmsafe_cli.models.adapter import ModelAdapter, get_adapter
+from vlmsafe_cli.models.adapter import ModelAdapter
 from vlmsafe_cli.progress import track
 from vlmsafe_cli.results import ci_row, write_table
 from vlmsafe_cli.stats import bootstrap_ci, proportion_ci
@@ -732,9 +732,7 @@ def patch_mask_rows(
 
 def run(workspace, settings: DictConfig) -> list[dict]:
     cfg = workspace.cfg
-    models = {"base": get_adapter(workspace.base())}
-    if cfg.compress.method != "none":
-        models["compressed"] = get_adapter(workspace.compressed)
+    models = workspace.adapters()
     tasks = load_tasks(settings, models["base"], cfg.seed)
     rows, tables, measured = [], [], {}
     for variant, adapter in models.items():

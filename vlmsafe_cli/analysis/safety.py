@@ -28,7 +28,6 @@ from vlmsafe_cli.analysis.vlmsafe420 import (
 from vlmsafe_cli.data.public import SafetyItem, load_public_set
 from vlmsafe_cli.errors import UserError
 from vlmsafe_cli.judge import make_judge
-from vlmsafe_cli.models.adapter import get_adapter
 
 log = logging.getLogger("vlmsafe.safety")
 ANALYSIS = "safety"
@@ -105,9 +104,7 @@ def delta_rows(
 def run(workspace, settings: DictConfig) -> list[dict]:
     cfg = workspace.cfg
     items = safety_items(cfg.data)
-    models = {"base": get_adapter(workspace.base())}
-    if cfg.compress.method != "none":
-        models["compressed"] = get_adapter(workspace.compressed)
+    models = workspace.adapters()
     rater = make_judge(cfg.judge, workspace.device)
     by_modality = {m: [item for item in items if item.modality == m] for m in ("text", "image_text")}
     rows, records, labels = [], [], {}

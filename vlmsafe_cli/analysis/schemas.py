@@ -135,7 +135,7 @@ class SafetySettings:
     """Generation of judged completions (analysis=safety; vlmsafe420 adds its modalities)."""
 
     max_new_tokens: int = 64
-    batch_size: int = 16
+    batch_size: int = 32  # 32 generated 1.4x faster than 16 on a 2-core CPU (RESULTS.md)
     do_sample: bool = False  # greedy by default; sampling is seeded by the job's seed
     temperature: float = 0.7  # used only with do_sample
     top_p: float = 0.9  # used only with do_sample
@@ -181,7 +181,9 @@ class CrosscoderSettings:
     n_prompts: int = 128  # harmful and harmless prompts of data=, interleaved
     batch_size: int = 16  # prompts per collection batch
     shard_tokens: int = 65536  # activation vectors per cached shard
-    max_tokens: Optional[int] = 200000  # train on at most this many (seeded sample)
+    max_tokens: Optional[int] = 200000  # train on at most this many (seeded sample of the training part)
+    holdout_fraction: float = 0.125  # prompts held out (seeded, at least one) for fve / l0 / dead_fraction
+    exclude_massive: Optional[float] = 10.0  # drop tokens with norm > this x the median in either model
     expansion: float = 4.0  # dictionary size / d_model (the study: 4)
     k: int = 32  # batchtopk / topk: active latents per token
     sparsity: str = "batchtopk"  # batchtopk | topk | l1
@@ -221,6 +223,20 @@ def check_crosscoder(settings: DictConfig, cfg: DictConfig) -> None:
             raise UserError(f"analysis.crosscoder.{key}={settings[key]} must be a positive integer")
     if settings.expansion <= 0 or settings.lr <= 0:
         raise UserError("analysis.crosscoder: expansion and lr must be positive")
+    if settings.n_prompts < 2:
+        raise UserError(
+            f"analysis.crosscoder.n_prompts={settings.n_prompts} is too few; the held-out split needs >= 2"
+        )
+    if not 0 < settings.holdout_fraction < 1:
+        raise UserError(
+            f"analysis.crosscoder.holdout_fraction={settings.holdout_fraction} is not valid; "
+            "use a fraction in (0, 1)"
+        )
+    if settings.exclude_massive is not None and settings.exclude_massive <= 1:
+        raise UserError(
+            f"analysis.crosscoder.exclude_massive={settings.exclude_massive} is not valid; "
+            "use a multiple > 1 of the median token norm, or null to keep every token"
+        )
 
 
 CIRCUIT_TASKS = ("refusal", "visual_counterfactual", "pairs")

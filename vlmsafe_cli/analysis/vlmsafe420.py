@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from vlmsafe_cli.data.vlmsafe420 import CATEGORIES, Request, load_pairs, requests
 from vlmsafe_cli.generation import generate_all
 from vlmsafe_cli.judge import make_judge
-from vlmsafe_cli.models.adapter import ModelAdapter, get_adapter
+from vlmsafe_cli.models.adapter import ModelAdapter
 from vlmsafe_cli.results import atomic_write, row
 from vlmsafe_cli.stats import bootstrap_ci
 
@@ -185,9 +185,7 @@ def delta_rows(modality: str, base: dict[str, dict], compressed: dict[str, dict]
 def run(workspace, settings: DictConfig) -> list[dict]:
     cfg = workspace.cfg
     pairs = stratified_sample(load_pairs(), cfg.data.n, cfg.data.seed)
-    models = {"base": get_adapter(workspace.base())}
-    if cfg.compress.method != "none":
-        models["compressed"] = get_adapter(workspace.compressed)
+    models = workspace.adapters()
     rater = make_judge(cfg.judge, workspace.device)
     rows, records = [], []
     outcomes: dict[tuple[str, str], dict] = {}

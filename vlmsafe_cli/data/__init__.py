@@ -19,8 +19,11 @@ from importlib.resources import files
 
 ALIGNMENT_DIR = "alignment"
 # harmless.jsonl: the first set; harmless_close_benign.jsonl: benign requests that share a topic with
-# harmful ones (drugs, weapons, security, privacy, history, chemistry, medicine), against refusal by topic.
-HARMLESS_FILES = ("harmless.jsonl", "harmless_close_benign.jsonl")
+# harmful ones (drugs, weapons, security, privacy, history, chemistry, medicine), against refusal by topic;
+# harmless_protective.jsonl: protective, help-seeking and educational requests on the eight harm
+# categories' topics (defending one's own systems, spotting scams, first aid, reporting harassment), many
+# written as the benign partner of a harmful request added to harmful.jsonl at the same time (organism v5).
+HARMLESS_FILES = ("harmless.jsonl", "harmless_close_benign.jsonl", "harmless_protective.jsonl")
 SHINGLE_SIZE = 3
 # Texts shorter than this many words are compared as word sets: a handful of 3-gram shingles is too
 # brittle (one changed word removes most of them).

@@ -9,6 +9,8 @@ safety adapter merged in), `smol-llava` (the organism behind a seeded-random vis
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 import socket
@@ -80,7 +82,22 @@ def model_identity(model_cfg: DictConfig, seed: int) -> dict:
         identity.update(id=model_cfg.id, revision=model_cfg.revision)
     elif model_cfg.source in ("tiny", "smol-llava", "random"):
         identity.update(seed=seed)
+    if model_cfg.source in ("organism", "smol-llava") and not model_cfg.path:
+        # a retrained adapter is a different model: caches built on the old one must not be reused
+        identity.update(adapter=adapter_digest(organism_adapter_path()))
     return identity
+
+
+@functools.cache
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
+
+
+def adapter_digest(path: Path) -> str:
+    """sha256 (16 hex digits) of a file's content, memoised per (path, size, mtime)."""
+    stat = path.stat()
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
