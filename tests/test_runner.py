@@ -60,6 +60,29 @@ def test_failed_job_is_recorded_and_the_sweep_goes_on(cli, tmp_path):
     assert "job failed" in err and "run.log" in err
 
 
+def test_a_failing_analysis_keeps_the_rows_of_the_finished_ones(cli, tmp_path, monkeypatch):
+    import vlmsafe_cli.job as job
+    from vlmsafe_cli.results import row
+
+    def entry(name):
+        def run(workspace, settings):
+            if name == "crosscoder":
+                raise RuntimeError("the second analysis broke")
+            return [row(name, "base", "finished_metric", 1.0)]
+
+        return run
+
+    monkeypatch.setattr(job, "entry_function", entry)
+    code, _, err = cli("run", TINY, "analysis=[vlmsafe420,crosscoder]", f"out_root={tmp_path}")
+    assert code == 1, err
+    (job_dir,) = job_dirs(tmp_path)
+    record = read_job(job_dir)
+    assert record["status"] == "failed" and "the second analysis broke" in record["error"]
+    table = pd.read_parquet(job_dir / "results.parquet")
+    finished = table[table.metric == "finished_metric"]
+    assert finished.analysis.tolist() == ["vlmsafe420"] and finished.value.tolist() == [1.0]
+
+
 def test_done_job_is_skipped_and_force_reruns(cli, tmp_path):
     sweep = tmp_path / "sweep"
     args = ("run", "-m", TINY, "compress=none,magnitude50", f"hydra.sweep.dir={sweep}")

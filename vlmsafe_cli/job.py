@@ -236,17 +236,20 @@ def run_job(cfg: DictConfig, job_dir: Path, overrides: list[str], invocation: st
             if cfg.compress.save:
                 with stage("save"):
                     export_checkpoint(loaded, workspace.artifacts / "compressed")
+            provenance = {
+                "model": cfg.model.name,
+                "compress": cfg.compress.name,
+                "seed": cfg.seed,
+                "config_hash": record["config_hash"],
+                "vlmsafe_version": __version__,
+            }
             for name, settings in cfg.analysis.items():
                 with stage(f"analysis:{name}"):
                     rows += entry_function(name)(workspace, merged_settings(name, settings))
+                # every finished analysis is on disk at once: a later one that fails or is interrupted
+                # (job.json then says failed, and a rerun redoes the job) loses no finished result
+                write_table(make_table(rows, provenance), job_dir)
             with stage("write"):
-                provenance = {
-                    "model": cfg.model.name,
-                    "compress": cfg.compress.name,
-                    "seed": cfg.seed,
-                    "config_hash": record["config_hash"],
-                    "vlmsafe_version": __version__,
-                }
                 write_table(make_table(rows, provenance), job_dir)
                 resolved = OmegaConf.to_yaml(cfg, resolve=True)
                 atomic_write(job_dir / "config.resolved.yaml", lambda tmp: tmp.write_text(resolved))
