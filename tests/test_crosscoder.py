@@ -211,9 +211,11 @@ def test_crosscoder_job_writes_rows_artifacts_and_reuses_cached_activations(cli,
     assert prompt.tolist() == sorted(prompt.tolist()) and set(prompt.tolist()) == set(range(8))
     fractions = table[table.metric == "feature_fraction"]
     assert fractions.value.sum() == pytest.approx(1.0) and len(fractions) == 7
+    assert (fractions.n == value.n_live_features).all() and 0 < value.n_live_features
     assert table[table.metric == "hook_layer"].value.iloc[0] == 1  # auto without a refusal direction: middle
     features = pd.read_parquet(job / "artifacts" / "crosscoder_features.parquet")
-    assert len(features) == 4 * 64 and {"rho", "theta", "class"} <= set(features.columns)
+    assert len(features) == 4 * 64 and {"rho", "theta", "class", "live"} <= set(features.columns)
+    assert features.live.sum() == value.n_live_features
     assert (job / "artifacts" / "crosscoder_theta_rho.png").is_file()
     # a second analysis on the same (model, compression, hook, layer, prompts) skips collection
     monkeypatch.setattr(
@@ -282,3 +284,32 @@ def test_crosscoder_links_features_to_the_refusal_direction_and_on_a_vlm_hooks_t
 def test_crosscoder_bad_settings_are_one_line_errors(cli, tmp_path, overrides, message):
     code, _, err = cli("run", "model=tiny-llama", "analysis=crosscoder", *overrides, f"out_root={tmp_path}")
     assert code == 2 and message in err, err
+
+
+def test_class_fractions_and_rotation_count_live_latents_only():
+    """Dead latents keep their random initial decoders (theta ~ 0, i.e. "rotated" by chance): two live
+    aligned latents and two dead ones give an aligned fraction of 1, not 0.5."""
+    import pandas as pd
+    from omegaconf import OmegaConf
+
+    from vlmsafe_cli.analysis.crosscoder import summary_rows
+
+    table = pd.DataFrame(
+        {
+            "feature": [0, 1, 2, 3],
+            "norm_base": [1.0, 1.0, 1.0, 1.0],
+            "norm_compressed": [1.0, 1.0, 0.2, 0.2],
+            "rho": [0.5, 0.5, 0.17, 0.17],
+            "theta": [0.9, 0.95, 0.05, -0.1],
+            "class": ["shared_aligned", "shared_aligned", "shared_rotated", "shared_rotated"],
+            "live": [True, True, False, False],
+        }
+    )
+    rows = {
+        (r["metric"], r.get("group")): r for r in summary_rows(table, OmegaConf.create({"refusal_top": 2}))
+    }
+    assert rows["n_live_features", None]["value"] == 2 and rows["n_live_features", None]["n"] == 4
+    assert rows["feature_fraction", "shared_aligned"]["value"] == 1.0
+    assert rows["feature_fraction", "shared_rotated"]["value"] == 0.0
+    assert rows["mean_theta_shared", None]["value"] == pytest.approx(0.925)
+    assert rows["median_norm_ratio_shared", None]["value"] == pytest.approx(1.0)

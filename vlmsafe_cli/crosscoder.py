@@ -210,15 +210,23 @@ def mean_l0(model: Crosscoder, pairs: torch.Tensor, scales: torch.Tensor) -> flo
 
 
 @torch.no_grad()
-def dead_fraction(
+def fired_latents(
     model: Crosscoder, pairs: torch.Tensor, scales: torch.Tensor, batch_size: int = 1024
-) -> float:
+) -> torch.Tensor:
+    """(n_latents,) bool on the CPU: latents active on at least one token of `pairs`."""
     device = next(model.parameters()).device
     fired = torch.zeros(model.config.n_latents, dtype=torch.bool, device=device)
     for start in range(0, pairs.shape[0], batch_size):
         x = (pairs[start : start + batch_size] * scales[None, :, None]).to(device)
         fired |= (model.encode(x) > 0).any(0)
-    return 1.0 - fired.float().mean().item()
+    return fired.cpu()
+
+
+@torch.no_grad()
+def dead_fraction(
+    model: Crosscoder, pairs: torch.Tensor, scales: torch.Tensor, batch_size: int = 1024
+) -> float:
+    return 1.0 - fired_latents(model, pairs, scales, batch_size).float().mean().item()
 
 
 def massive_tokens(pairs: torch.Tensor, factor: float) -> torch.Tensor:

@@ -42,6 +42,7 @@ from vlmsafe_cli.crosscoder import (
     CrosscoderConfig,
     classify,
     dead_fraction,
+    fired_latents,
     fraction_of_variance_explained,
     gmm_thresholds,
     heldout_prompts,
@@ -216,7 +217,11 @@ def split_tokens(
     return train, test, dropped
 
 
-def feature_table(model, refusal: torch.Tensor | None, thresholds: tuple[float, ...]) -> pd.DataFrame:
+def feature_table(
+    model, refusal: torch.Tensor | None, thresholds: tuple[float, ...], live: torch.Tensor
+) -> pd.DataFrame:
+    """One row per latent: decoder norms, rho, theta, class, `live` (fired on the training tokens: a latent
+    that never fired keeps its random initial decoder, whose rho and theta mean nothing)."""
     decoder = model.decoder().detach().cpu()
     rho, theta = rho_theta(decoder)
     norms = decoder.norm(dim=-1).numpy()
@@ -228,6 +233,7 @@ def feature_table(model, refusal: torch.Tensor | None, thresholds: tuple[float, 
             "rho": rho,
             "theta": theta,
             "class": classify(rho, theta, thresholds),
+            "live": live.numpy(),
         }
     )
     if refusal is not None:
@@ -237,13 +243,25 @@ def feature_table(model, refusal: torch.Tensor | None, thresholds: tuple[float, 
 
 
 def summary_rows(table: pd.DataFrame, settings: DictConfig) -> list[dict]:
+    """Class fractions, rotation, attenuation and the refusal link, over the live latents only."""
     from vlmsafe_cli.crosscoder import CLASSES
 
-    rows = []
+    rows = [row(ANALYSIS, "comparison", "n_live_features", int(table.live.sum()), n=len(table))]
+    table = table[table.live]
+    if not len(table):
+        log.warning("crosscoder: no latent fired on the training tokens; no feature rows")
+        return rows
     counts = table["class"].value_counts()
     for name in CLASSES:
         rows.append(
-            row(ANALYSIS, "comparison", "feature_fraction", counts.get(name, 0) / len(table), group=name)
+            row(
+                ANALYSIS,
+                "comparison",
+                "feature_fraction",
+                counts.get(name, 0) / len(table),
+                group=name,
+                n=len(table),
+            )
         )
     shared = table[table["class"].str.startswith("shared")]
     if len(shared):
@@ -319,11 +337,12 @@ def run(workspace, settings: DictConfig) -> list[dict]:
     selection = base_refusal_selection(workspace)
     use = settings.hook == "residual" and selection is not None and selection.layer == layer
     refusal = selection.direction if use else None
-    rho, _ = rho_theta(model.decoder().detach().cpu())
+    live = fired_latents(model, train, scales)
+    rho, _ = rho_theta(model.decoder().detach().cpu()[live])
     thresholds, source = (
         (FIXED_THRESHOLDS, "fixed") if settings.thresholds == "fixed" else gmm_thresholds(rho)
     )
-    table = feature_table(model, refusal, thresholds)
+    table = feature_table(model, refusal, thresholds, live)
     artifacts = workspace.artifacts
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     save_file(
@@ -339,7 +358,7 @@ def run(workspace, settings: DictConfig) -> list[dict]:
         },
     )
     write_table(table, artifacts, stem="crosscoder_features")
-    plots(table, artifacts)
+    plots(table[table.live], artifacts)
     log.info(
         "crosscoder %s layer %d: held-out fve %.3f / %.3f (%d train, %d held-out tokens), thresholds %s (%s)",
         settings.hook,
